@@ -1,0 +1,459 @@
+"""Neighbourhoods for cluster attention, built from token positions.
+
+Cluster attention (AutoFocusFormer, "AFF", Ziwen et al., CVPR 2023) lets each token attend
+to the tokens of a few nearby *clusters* instead of a fixed square window, so it works on
+irregular point sets (AFF drops tokens adaptively, so the survivors no longer form a grid).
+This module turns a batch of 2-D token positions into the index tensors the op
+(``cluster.ops.cluster_attention``) and the module (``cluster.ClusterAttention``) consume.
+
+Pipeline (``build_neighborhoods``)
+----------------------------------
+1. **Balanced clustering.** Tokens are sorted along a Hilbert curve over the ``h x w`` grid
+   (``space_filling_order``) and cut into consecutive chunks of ``cluster_size`` tokens.
+   A space-filling curve keeps nearby cells nearby in 1-D, so each chunk is spatially
+   compact, and every cluster has the same size (the last one excepted), which is what
+   makes the attention kernels regular. This is AFF's ``space_filling_cluster``-style
+   reordering: after it, the tokens of a cluster are contiguous and cluster ``c`` holds
+   reordered tokens ``c*cluster_size .. (c+1)*cluster_size - 1``.
+2. **Cluster kNN.** Each cluster's mean position is computed (over its real tokens only)
+   and its ``nnc = nbhd_size // cluster_size`` nearest clusters are found by kNN on those
+   means (``knn``; torch or KeOps), the cluster itself always first. AFF does the same
+   with its ``knn_keops`` helper.
+3. **Token neighbourhoods.** Every token of a cluster gets the same neighbour list: the
+   tokens of its ``nnc`` nearest clusters, ``M = nnc * cluster_size`` of them
+   (``member_idx``). When ``N`` is not a multiple of ``cluster_size`` the last cluster is
+   short; the slots for its missing tokens point at a real token (``N - 1``, so gathers
+   stay in range) and are marked invalid in ``cluster_mask``.
+4. **Relative positions.** ``pe_idx`` indexes AFF's relative-position table
+   (``relative_position_table``): the rounded offset ``(dx, dy)`` from query to neighbour,
+   clamped to ``[-R, R]``, as row ``(dy + R) * (2R + 1) + (dx + R)``. The module embeds the
+   table's (dx, dy, dist, sin, cos) columns with a linear layer to get a per-head bias.
+
+All randomness (``make_synthetic_positions``) comes from a local ``torch.Generator``, so
+results depend only on the seed, never on global RNG state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Neighborhoods",
+    "build_neighborhoods",
+    "knn",
+    "make_synthetic_positions",
+    "relative_position_table",
+    "space_filling_order",
+]
+
+KNN_METHODS = ("auto", "torch", "keops")
+
+# Upper bound on the elements of one chunk's [B, Qc, P] distance matrix in the torch kNN,
+# so memory stays bounded whatever Q is (16M float64 = 128 MiB, plus the sort's copies).
+_KNN_CHUNK_ELEMS = 1 << 24
+
+_KEOPS_INSTALL_HINT = ("pykeops is not installed; install it with `pip install pykeops` "
+                       "(or `pip install cluster-attention[keops]`); it needs a C++ compiler "
+                       "(and nvcc for CUDA tensors)")
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _check_int(name: str, value, minimum: int) -> int:
+    # bool is an int subclass, and True as a cluster size is a bug, not a 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def _check_pos(name: str, pos, *, n_dims: int = 3) -> torch.Tensor:
+    if not isinstance(pos, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(pos).__name__}")
+    if pos.dim() != n_dims or pos.shape[-1] != 2:
+        raise ValueError(f"{name}: expected shape [B, N, 2], got {tuple(pos.shape)}")
+    if not pos.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {pos.dtype}")
+    return pos
+
+
+# --------------------------------------------------------------------------- position table
+
+def relative_position_table(R: int) -> torch.Tensor:
+    """AFF's relative-position table: one row per integer offset in ``[-R, R]^2``.
+
+    Row ``(dy + R) * (2R + 1) + (dx + R)`` holds ``(dx, dy, dist, sin, cos)`` with
+    ``dist = sqrt(dx^2 + dy^2)``, ``sin = dy / dist``, ``cos = dx / dist``; the zero
+    offset's 0/0 is replaced by 0, as AFF does. Returns float32 ``[(2R+1)^2, 5]``.
+    """
+    R = _check_int("R", R, 0)
+    r = torch.arange(-R, R + 1, dtype=torch.float32)
+    dy, dx = torch.meshgrid(r, r, indexing="ij")  # dy varies along rows: matches the row index
+    dist = torch.sqrt(dx * dx + dy * dy)
+    table = torch.stack([dx, dy, dist, dy / dist, dx / dist], dim=-1).reshape(-1, 5)
+    return torch.nan_to_num(table, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+# --------------------------------------------------------------------------- synthetic positions
+
+def make_synthetic_positions(B: int, N: int, h: int, w: int, *, seed: int = 0,
+                             grid: bool = True) -> torch.Tensor:
+    """``[B, N, 2]`` float32 token positions ``(x, y)`` on an ``h x w`` grid.
+
+    Each batch element takes ``N`` distinct cells (a random subset when ``N < h*w``, as
+    after AFF's token dropping) in random order, so the clustering has real work to do.
+    ``grid=False`` adds a jitter inside each cell (strictly between the cell's integer
+    corner and the next), so positions are not integers but still floor to their cell.
+    Deterministic in ``seed``; the global RNG is not touched.
+    """
+    B = _check_int("B", B, 1)
+    N = _check_int("N", N, 1)
+    h = _check_int("h", h, 1)
+    w = _check_int("w", w, 1)
+    if N > h * w:
+        raise ValueError(f"N: {N} tokens do not fit in distinct cells of a {h} x {w} grid "
+                         f"({h * w} cells)")
+    g = torch.Generator().manual_seed(int(seed))
+    # One random permutation per batch element: its first N cells are a uniform random
+    # subset, already in random (shuffled) order.
+    cells = torch.argsort(torch.rand(B, h * w, generator=g), dim=1)[:, :N]
+    pos = torch.stack([cells % w, cells // w], dim=-1).to(torch.float32)
+    if not grid:
+        # Kept inside [0.1, 0.9) of the cell: never exactly integer, never in the next cell.
+        pos = pos + 0.1 + 0.8 * torch.rand(B, N, 2, generator=g)
+    return pos
+
+
+# --------------------------------------------------------------------------- space-filling curve
+
+def _hilbert_index(x: torch.Tensor, y: torch.Tensor, order: int) -> torch.Tensor:
+    """Distance along the Hilbert curve of a ``2^order`` square, vectorised (int64)."""
+    n = 1 << order
+    d = torch.zeros_like(x)
+    s = n >> 1
+    while s > 0:
+        rx = (x & s) > 0
+        ry = (y & s) > 0
+        d += s * s * ((3 * rx.long()) ^ ry.long())
+        # Rotate the quadrant so the sub-curve is in standard orientation for the next bit.
+        flip = (~ry) & rx
+        x = torch.where(flip, n - 1 - x, x)
+        y = torch.where(flip, n - 1 - y, y)
+        swap = ~ry
+        x, y = torch.where(swap, y, x), torch.where(swap, x, y)
+        s >>= 1
+    return d
+
+
+def space_filling_order(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Permutation ``[B, N]`` sorting tokens along a Hilbert curve over the ``h x w`` grid.
+
+    Positions are floored to their cell (and clamped into the grid, so slightly outside
+    points still sort sensibly); tokens in the same cell keep their input order (stable
+    sort), which makes the result deterministic. Cutting the sorted sequence into
+    consecutive chunks of ``cluster_size`` gives balanced, spatially compact clusters.
+    """
+    pos = _check_pos("pos", pos)
+    h = _check_int("h", h, 1)
+    w = _check_int("w", w, 1)
+    order = max(1, math.ceil(math.log2(max(h, w))))
+    cell = torch.floor(pos.detach()).long()
+    x = cell[..., 0].clamp(0, w - 1)
+    y = cell[..., 1].clamp(0, h - 1)
+    key = _hilbert_index(x, y, order)
+    return torch.sort(key, dim=1, stable=True).indices
+
+
+# --------------------------------------------------------------------------- kNN
+
+_keops_ok: dict[str, bool] = {}
+
+
+def _keops_usable(device: torch.device) -> bool:
+    """Whether pykeops imports and runs on ``device`` (checked once per device type)."""
+    key = device.type
+    if key not in _keops_ok:
+        try:
+            x = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]]], device=device)
+            out = _knn_keops(x, x, 1, None)
+            _keops_ok[key] = bool((out[0, :, 0].cpu() == torch.arange(3)).all())
+        except Exception:
+            _keops_ok[key] = False
+    return _keops_ok[key]
+
+
+def _sq_dist(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``[B, Q, P]`` squared distances, computed per coordinate.
+
+    Differences rather than ``|q|^2 - 2 q.p + |p|^2``: exact on integer grids, so ties stay
+    ties and the index tie-break is meaningful. One coordinate at a time because
+    broadcasting over a trailing dimension of 2 is several times slower on CPU.
+    """
+    d = q[:, :, None, 0] - p[:, None, :, 0]
+    d.mul_(d)
+    dy = q[:, :, None, 1] - p[:, None, :, 1]
+    return d.addcmul_(dy, dy)
+
+
+def _smallest_k(d: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` smallest entries of each row of ``d``, ordered by (value, index).
+
+    topk is several times faster than a full sort but promises nothing about which of
+    several equal values it returns. So topk only supplies the k-th smallest value; the
+    set is then every entry below it plus the lowest-index entries equal to it, which is
+    what a stable sort would pick.
+    """
+    kth = torch.topk(d, k, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
+    below = d < kth
+    at = d == kth
+    chosen = below | at
+    over = chosen.sum(-1) > k  # rows with more ties at the k-th value than room for them
+    if over.any():
+        # Only those rows need the (costly, full-row) running count to keep the lowest indices.
+        rows = over.nonzero(as_tuple=True)
+        room = k - below[rows].sum(-1, keepdim=True)
+        chosen[rows] = below[rows] | (at[rows] & (torch.cumsum(at[rows], dim=-1) <= room))
+    # Exactly k per row, so the row-major nonzero list reshapes into [..., k], index order.
+    idx = chosen.nonzero()[:, -1].view(*d.shape[:-1], k)
+    perm = torch.sort(d.gather(-1, idx), dim=-1, stable=True).indices
+    return idx.gather(-1, perm)
+
+
+def _knn_torch(queries, points, k, valid_points):
+    B, Q, _ = queries.shape
+    P = points.shape[1]
+    # float64 keeps squared distances of float32 coordinates exact-ish, so results do not
+    # depend on the caller's dtype through rounding of the distance itself.
+    q = queries.detach().double()
+    p = points.detach().double()
+    chunk = max(1, _KNN_CHUNK_ELEMS // max(1, B * P))
+    out = []
+    for s in range(0, Q, chunk):
+        d = _sq_dist(q[:, s:s + chunk], p)
+        if valid_points is not None:
+            d.masked_fill_(~valid_points[:, None, :], math.inf)
+        out.append(_smallest_k(d, k))
+    return torch.cat(out, dim=1)
+
+
+def _knn_keops(queries, points, k, valid_points):
+    try:
+        from pykeops.torch import LazyTensor
+    except ImportError as e:
+        raise ImportError(_KEOPS_INSTALL_HINT) from e
+    q = queries.detach().to(torch.float32).contiguous()
+    p = points.detach().to(torch.float32).contiguous()
+    if valid_points is not None:
+        # Moving invalid points far away (rather than adding inf) keeps KeOps' comparisons
+        # finite; they can then only be chosen after every valid point.
+        far = p.abs().amax() * 4 + 1e6
+        p = torch.where(valid_points[..., None], p, far)
+    x_i = LazyTensor(q[:, :, None, :])
+    y_j = LazyTensor(p[:, None, :, :])
+    d = ((x_i - y_j) ** 2).sum(-1)
+    idx = d.argKmin(k, dim=2).long()  # batch dim 0, i dim 1, j dim 2
+    # KeOps' order among equal distances is unspecified; re-sort its picks by
+    # (distance, index) so the output follows the same convention as the torch path.
+    idx_sorted = torch.sort(idx, dim=-1).values
+    dist = _sq_dist_pairs(queries.detach().double(), points.detach().double(), idx_sorted)
+    if valid_points is not None:
+        dist = dist.masked_fill(~valid_points.gather(1, idx_sorted.flatten(1)).view_as(idx_sorted),
+                                math.inf)
+    perm = torch.sort(dist, dim=-1, stable=True).indices
+    return idx_sorted.gather(-1, perm)
+
+
+def _sq_dist_pairs(q: torch.Tensor, p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Squared distance from each query to each of its ``idx`` points: ``[B, Q, k]``."""
+    B, Q, k = idx.shape
+    pts = p.gather(1, idx.reshape(B, Q * k, 1).expand(-1, -1, 2)).view(B, Q, k, 2)
+    return (pts - q[:, :, None, :]).pow(2).sum(-1)
+
+
+def knn(queries: torch.Tensor, points: torch.Tensor, k: int, method: str = "auto",
+        valid_points: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices ``[B, Q, k]`` of each query's ``k`` nearest points, nearest first.
+
+    Distance is squared Euclidean. On the torch path ties are broken by lower point index
+    (a stable sort of exact float64 distances), so the result is deterministic. Invalid
+    points (``valid_points`` False) are never chosen before a valid one; if a row has
+    fewer than ``k`` valid points, the remaining picks are invalid points.
+
+    method: ``"torch"`` (chunked over queries, bounded memory), ``"keops"``
+    (``pykeops.torch.LazyTensor.argKmin``, computed in float32; its picks are then
+    ordered by (distance, index), but which of several equidistant points at the k-th
+    place it picks may differ from the torch path), or ``"auto"``: KeOps for CUDA tensors
+    when pykeops is installed and working, torch otherwise. (On CPU the torch path is as
+    fast at these sizes and avoids KeOps' per-``k`` compile.)
+    """
+    queries = _check_pos("queries", queries)
+    points = _check_pos("points", points)
+    if queries.shape[0] != points.shape[0]:
+        raise ValueError(f"points: batch size {points.shape[0]} differs from queries' "
+                         f"{queries.shape[0]}")
+    if queries.device != points.device:
+        raise ValueError(f"points: on {points.device}, queries on {queries.device}")
+    k = _check_int("k", k, 1)
+    if k > points.shape[1]:
+        raise ValueError(f"k: {k} exceeds the number of points ({points.shape[1]})")
+    if method not in KNN_METHODS:
+        raise ValueError(f"method: expected one of {KNN_METHODS}, got {method!r}")
+    # NaN compares false with everything, which would break the tie-break's exact-k count.
+    for name, t in (("queries", queries), ("points", points)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name}: contains NaN or inf")
+    if valid_points is not None:
+        if not isinstance(valid_points, torch.Tensor) or valid_points.dtype != torch.bool:
+            raise TypeError("valid_points: expected a bool tensor [B, P] or None")
+        if tuple(valid_points.shape) != tuple(points.shape[:2]):
+            raise ValueError(f"valid_points: expected shape {tuple(points.shape[:2])}, "
+                             f"got {tuple(valid_points.shape)}")
+        valid_points = valid_points.to(points.device)
+    if queries.shape[1] == 0:
+        return torch.empty(queries.shape[0], 0, k, dtype=torch.long, device=queries.device)
+    if method == "auto":
+        use_keops = queries.device.type == "cuda" and _keops_usable(queries.device)
+        method = "keops" if use_keops else "torch"
+    if method == "keops":
+        return _knn_keops(queries, points, k, valid_points)
+    return _knn_torch(queries, points, k, valid_points)
+
+
+# --------------------------------------------------------------------------- neighbourhoods
+
+@dataclass
+class Neighborhoods:
+    """What ``build_neighborhoods`` returns; every index refers to the *reordered* tokens.
+
+    order: ``[B, N]`` permutation applied to the input (``pos = pos_in.gather(1, order)``;
+        apply the same to features before the attention and its inverse after).
+    pos: ``[B, N, 2]`` positions in the new order.
+    member_idx: ``[B, N, M]`` int64 neighbour tokens of each token, ``M = nnc*cluster_size``.
+    cluster_mask: ``[B, N, M]`` bool, False for slots of the short last cluster's missing
+        tokens (those slots point at token ``N - 1``).
+    pe_idx: ``[B, N, M]`` int64 rows of ``relative_position_table(R)``.
+    nearest_clusters: ``[B, NC, nnc]`` int64 cluster ids, each cluster's own id first.
+    """
+
+    order: torch.Tensor
+    pos: torch.Tensor
+    member_idx: torch.Tensor
+    cluster_mask: torch.Tensor
+    pe_idx: torch.Tensor
+    nearest_clusters: torch.Tensor
+    cluster_size: int
+    table_width: int
+    R: int
+
+    @property
+    def num_clusters(self) -> int:
+        return self.nearest_clusters.shape[1]
+
+    @property
+    def nnc(self) -> int:
+        return self.nearest_clusters.shape[2]
+
+
+def _self_first(nearest: torch.Tensor) -> torch.Tensor:
+    """Put each cluster's own id first in its kNN list.
+
+    On grids two clusters can share a mean, and then kNN may rank the other one first, or
+    even leave the cluster itself out; AFF's convention (and the tests') is self first.
+    """
+    B, NC, k = nearest.shape
+    own = torch.arange(NC, device=nearest.device).view(1, NC, 1)
+    is_own = nearest == own
+    # Rows that contain themselves: move it to the front, the rest keep their order.
+    moved = nearest.gather(-1, torch.sort((~is_own).to(torch.int8), dim=-1, stable=True).indices)
+    # Rows that do not (an equidistant cluster took its place): prepend, drop the farthest.
+    prepended = torch.cat([own.expand(B, NC, 1), nearest[..., :-1]], dim=-1)
+    return torch.where(is_own.any(-1, keepdim=True), moved, prepended)
+
+
+def build_neighborhoods(pos: torch.Tensor, cluster_size: int, nbhd_size: int, h: int, w: int,
+                        *, R: int | None = None, knn_method: str = "auto") -> Neighborhoods:
+    """Cluster tokens and build each token's neighbourhood (see the module docstring).
+
+    Args:
+        pos: ``[B, N, 2]`` float positions ``(x, y)`` on an ``h x w`` grid (not
+            necessarily integer; cells are ``floor(pos)``).
+        cluster_size: tokens per cluster (>= 1; 1 makes every token its own cluster).
+        nbhd_size: neighbours per token, a positive multiple of ``cluster_size``; the
+            ``nbhd_size // cluster_size`` nearest clusters are used.
+        h, w: grid size, for the space-filling curve and the default ``R``.
+        R: half-width of the relative-position table; default ``max(h, w) - 1`` (covers
+            every offset on the grid). Offsets beyond ``R`` are clamped to ``[-R, R]``
+            (they share the table's edge rows) rather than rejected, as AFF does when its
+            table is smaller than the image.
+        knn_method: ``"auto" | "torch" | "keops"``, see ``knn``.
+    """
+    pos = _check_pos("pos", pos)
+    cluster_size = _check_int("cluster_size", cluster_size, 1)
+    if isinstance(nbhd_size, bool) or not isinstance(nbhd_size, int):
+        raise TypeError(f"nbhd_size: expected an int, got {type(nbhd_size).__name__}")
+    h = _check_int("h", h, 1)
+    w = _check_int("w", w, 1)
+    R = max(h, w) - 1 if R is None else _check_int("R", R, 0)
+    if knn_method not in KNN_METHODS:
+        raise ValueError(f"knn_method: expected one of {KNN_METHODS}, got {knn_method!r}")
+    B, N, _ = pos.shape
+    if N == 0:
+        raise ValueError("pos: expected at least one token (N >= 1)")
+    if not torch.isfinite(pos).all():
+        raise ValueError("pos: contains NaN or inf")
+    NC = -(-N // cluster_size)
+    if nbhd_size < 1 or nbhd_size % cluster_size != 0:
+        raise ValueError(f"nbhd_size: expected a positive multiple of cluster_size "
+                         f"({cluster_size}), got {nbhd_size}")
+    nnc = nbhd_size // cluster_size
+    if nnc > NC:
+        raise ValueError(f"nbhd_size: {nbhd_size} needs {nnc} clusters of {cluster_size}, "
+                         f"but N={N} tokens make only {NC}")
+    dev = pos.device
+    cs = cluster_size
+
+    # 1. balanced clustering along the curve
+    order = space_filling_order(pos, h, w)
+    pos_s = pos.gather(1, order[..., None].expand(-1, -1, 2))
+
+    # 2. cluster means over real tokens only, then kNN between clusters
+    pad = NC * cs - N
+    padded = torch.cat([pos_s.detach().double(), pos_s.new_zeros(B, pad, 2, dtype=torch.float64)],
+                       dim=1)
+    counts = torch.full((NC,), float(cs), dtype=torch.float64, device=dev)
+    counts[-1] = cs - pad
+    means = padded.view(B, NC, cs, 2).sum(2) / counts[None, :, None]
+    nearest = _self_first(knn(means, means, nnc, method=knn_method))
+
+    # 3. token neighbourhoods: the members of the nnc clusters, shared by a cluster's tokens.
+    # Built per cluster and broadcast over its tokens: 1/cluster_size of the gathers.
+    M = nnc * cs
+    members = (nearest[..., None] * cs + torch.arange(cs, device=dev)).reshape(B, NC, M)
+    valid = members < N
+    members.clamp_(max=N - 1)
+
+    def per_token(t):
+        return t[:, :, None, :].expand(B, NC, cs, M).reshape(B, NC * cs, M)[:, :N].contiguous()
+
+    member_idx = per_token(members)
+    cluster_mask = per_token(valid)
+
+    # 4. relative-position indices (also for masked slots, so every index is a valid row)
+    width = 2 * R + 1
+    # float32 holds the row index exactly while the table has < 2^24 rows; beyond, float64.
+    fdt = torch.float32 if width * width < (1 << 24) else torch.float64
+    ps = pos_s.detach().to(fdt)
+    nb_pos = ps.gather(1, members.view(B, NC * M, 1).expand(-1, -1, 2)).view(B, NC, 1, M, 2)
+    tok_pos = torch.cat([ps, ps.new_zeros(B, pad, 2)], dim=1).view(B, NC, cs, 1, 2)
+    off = (nb_pos - tok_pos).round_().clamp_(-R, R)  # [B, NC, cs, M, 2]
+    pe = off[..., 1].mul_(width).add_(off[..., 0]).add_(R * width + R)
+    pe_idx = pe.reshape(B, NC * cs, M)[:, :N].long()  # .long() copies: contiguous
+
+    return Neighborhoods(
+        order=order, pos=pos_s, member_idx=member_idx, cluster_mask=cluster_mask,
+        pe_idx=pe_idx, nearest_clusters=nearest, cluster_size=cs, table_width=width, R=R,
+    )
