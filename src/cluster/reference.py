@@ -90,11 +90,14 @@ def cluster_attention(
     blank_k: torch.Tensor | None = None,
     blank_v: torch.Tensor | None = None,
     scale: float | None = None,
+    attn_dropout=None,
 ) -> torch.Tensor:
     """Reference cluster attention; arguments as in :func:`cluster.ops.cluster_attention`.
 
     Computes in q's dtype (so it doubles as the "same low precision" PyTorch baseline of
-    the test suite); parameters given in float32 are cast to q's dtype.
+    the test suite); parameters given in float32 are cast to q's dtype. ``attn_dropout``, a
+    callable such as ``nn.Dropout``, is applied to the attention weights (blank included)
+    as AFF does; the fused backends have no such hook.
     """
     B, H, N, D = q.shape
     if scale is None:
@@ -113,6 +116,8 @@ def cluster_attention(
         if valid is not None:
             valid = torch.cat([valid, torch.ones_like(valid[..., :1])], dim=-1)
     p = masked_softmax(logits, valid)
+    if attn_dropout is not None:
+        p = attn_dropout(p)
     if blank_k is not None:
         p, p_blank = p[..., :-1], p[..., -1:]
     out = attention_value(p, v, member_idx)

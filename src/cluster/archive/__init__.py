@@ -1,0 +1,1 @@
+"""The old implementations, kept importable for code and checkpoints built on them."""
