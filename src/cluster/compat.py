@@ -1,0 +1,183 @@
+"""Version-compatibility reports: one JSON per (torch, triton) pair, a combined table, a diff.
+
+Run as a script path (``python src/cluster/compat.py ...``), not as ``-m cluster.compat``:
+the `table` and `diff` commands, and `run` for a pair whose install failed, must work with
+an interpreter that has no torch, so this file imports nothing of the package at the top.
+
+    run   --pair P --torch X --triton Y --out F.json [--install-ok 0|1] [pytest args]
+    table DIR                       -> DIR/README.md from every DIR/*.json
+    diff  OLD.json NEW.json [--drift 1e-6]   exit 1 if NEW regressed
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+
+
+def _junit(path: str) -> dict:
+    res = {"passed": 0, "failed": 0, "skipped": 0, "failing": []}
+    if not os.path.exists(path):
+        return res
+    for case in ET.parse(path).getroot().iter("testcase"):
+        tid = f"{case.get('classname')}::{case.get('name')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            res["failed"] += 1
+            res["failing"].append(tid)
+        elif case.find("skipped") is not None:
+            res["skipped"] += 1
+        else:
+            res["passed"] += 1
+    return res
+
+
+def cmd_run(a, pytest_args) -> int:
+    t0 = time.time()
+    rep = {"pair": a.pair, "torch_requested": a.torch, "triton_requested": a.triton,
+           "install_ok": bool(a.install_ok), "import_ok": False, "extension": "not checked",
+           "tests": None, "errors": {}, "python": sys.version.split()[0]}
+    if a.install_ok:
+        probe = subprocess.run(
+            [sys.executable, "-c", "import torch, triton, cluster, json; print(json.dumps("
+             "{'torch': torch.__version__, 'triton': triton.__version__, 'cuda': torch.version.cuda}))"],
+            capture_output=True, text=True)
+        rep["import_ok"] = probe.returncode == 0
+        if rep["import_ok"]:
+            rep.update(json.loads(probe.stdout.strip().splitlines()[-1]))
+            ext = subprocess.run(
+                [sys.executable, "-c", "import torch; from cluster import ops; "
+                 "print(ops.backend_unavailable_reason('cuda', torch.device('cuda' if "
+                 "torch.cuda.is_available() else 'cpu'), torch.float32) or 'available')"],
+                capture_output=True, text=True)
+            rep["extension"] = (ext.stdout.strip() or ext.stderr.strip()[-300:])
+            if a.check_compile:
+                cc = subprocess.run([sys.executable, "-m", "cluster.cuda_ext", "check-compile"],
+                                    capture_output=True, text=True)
+                rep["extension"] = "compiles" if cc.returncode == 0 else "compile FAILED: " + cc.stdout[-300:]
+        else:
+            rep["import_error"] = probe.stderr.strip()[-500:]
+    if rep["import_ok"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            xml = os.path.join(tmp, "junit.xml")
+            t1 = time.time()
+            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            f"--junitxml={xml}", *(pytest_args or ["-n", "auto"])])
+            rep["tests"] = _junit(xml)
+            rep["tests"]["seconds"] = round(time.time() - t1, 1)
+            subprocess.run([sys.executable, "-m", "cluster.validate", "--configs", "suite",
+                            "--out", tmp], capture_output=True, text=True)
+            vpath = os.path.join(tmp, "validate.json")
+            if os.path.exists(vpath):
+                with open(vpath) as f:
+                    v = json.load(f)
+                for c in v["cases"]:
+                    key = f"{c['backend']}{'/' + c['mode'] if c['mode'] != '-' else ''}|{c['dtype']}|{c['config']}"
+                    rep["errors"][key] = max(r["abs"] for r in c["results"].values())
+                rep["validate_verdict"] = v["verdict"]
+                rep["skipped_backends"] = v["skipped"]
+    rep["seconds"] = round(time.time() - t0, 1)
+    t = rep["tests"]
+    rep["ok"] = bool(rep["import_ok"] and t and t["failed"] == 0 and t["passed"] > 0)
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(rep, f, indent=1)
+    print(f"compat {a.pair}: install {rep['install_ok']}, import {rep['import_ok']}, tests {t}, "
+          f"{rep['seconds']} s -> {a.out}")
+    return 0 if rep["ok"] else 1
+
+
+def cmd_table(d: str) -> int:
+    rows = []
+    for p in sorted(glob.glob(os.path.join(d, "*.json"))):
+        with open(p) as f:
+            r = json.load(f)
+        t = r.get("tests") or {}
+        worst = max(r.get("errors", {}).values(), default=float("nan"))
+        rows.append(
+            f"| {r['pair']} | {r.get('torch', '-')} | {r.get('triton', '-')} | "
+            f"{'yes' if r['install_ok'] else '**no**'} | {'yes' if r['import_ok'] else '**no**'} | "
+            f"{r.get('extension', '-')[:60]} | {t.get('passed', '-')} / {t.get('failed', '-')} / "
+            f"{t.get('skipped', '-')} | {worst:.1e} | {r['seconds']:.0f} s | "
+            f"{'PASS' if r.get('ok') else '**FAIL**'} |")
+    md = ["# torch x triton compatibility", "",
+          "Written by `nox -s compat` (one row per pair; JSON beside this file). Tests: "
+          "passed / failed / skipped. Worst error: largest max-abs error of any backend x dtype "
+          "x configuration against the float64 reference (`cluster.validate`).", "",
+          "| pair | torch | triton | installs | imports | CUDA extension | tests | worst error | time | verdict |",
+          "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+    with open(os.path.join(d, "README.md"), "w") as f:
+        f.write("\n".join(md))
+    print("\n".join(md))
+    return 0
+
+
+def cmd_diff(old_p: str, new_p: str, drift: float) -> int:
+    with open(old_p) as f:
+        old = json.load(f)
+    with open(new_p) as f:
+        new = json.load(f)
+    lines, bad = [f"compat diff: {old['pair']} -> {new['pair']}"], False
+    for key in ("install_ok", "import_ok"):
+        if old.get(key) and not new.get(key):
+            lines.append(f"REGRESSION: {key} was true, now false")
+            bad = True
+    of = set((old.get("tests") or {}).get("failing", []))
+    nf = set((new.get("tests") or {}).get("failing", []))
+    for tid in sorted(nf - of):
+        lines.append(f"NEWLY FAILING: {tid}")
+        bad = True
+    for tid in sorted(of - nf):
+        lines.append(f"fixed: {tid}")
+    oe, ne = old.get("errors", {}), new.get("errors", {})
+    for key in sorted(set(oe) - set(ne)):
+        lines.append(f"NEWLY MISSING: {key} (ran before, not now)")
+        bad = True
+    for key in sorted(set(ne) - set(oe)):
+        lines.append(f"new coverage: {key}")
+    for key in sorted(set(oe) & set(ne)):
+        if abs(ne[key] - oe[key]) > drift:
+            lines.append(f"DRIFT {key}: {oe[key]:.3e} -> {ne[key]:.3e} (|change| > {drift:g})")
+            bad = bad or ne[key] > oe[key]
+    ot, nt = old.get("tests") or {}, new.get("tests") or {}
+    lines.append(f"tests passed/failed/skipped: {ot.get('passed')}/{ot.get('failed')}/{ot.get('skipped')}"
+                 f" -> {nt.get('passed')}/{nt.get('failed')}/{nt.get('skipped')}")
+    lines.append(f"VERDICT: {'REGRESSION' if bad else 'OK to upgrade'}")
+    print("\n".join(lines))
+    return 1 if bad else 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="compat.py")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--pair", required=True)
+    r.add_argument("--torch", required=True)
+    r.add_argument("--triton", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--install-ok", type=int, default=1)
+    r.add_argument("--check-compile", action="store_true")
+    t = sub.add_parser("table")
+    t.add_argument("dir")
+    d = sub.add_parser("diff")
+    d.add_argument("old")
+    d.add_argument("new")
+    d.add_argument("--drift", type=float, default=1e-6)
+    args, rest = p.parse_known_args(argv)
+    if args.cmd == "run":
+        return cmd_run(args, rest)
+    if rest:
+        p.error(f"unexpected arguments {rest}")
+    if args.cmd == "table":
+        return cmd_table(args.dir)
+    return cmd_diff(args.old, args.new, args.drift)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
