@@ -14,7 +14,13 @@ import os
 import pytest
 import torch
 
-from cluster import ops, testing
+# Without a GPU the Triton kernels run on the CPU interpreter, which triton reads when the
+# kernels are decorated: set it before anything imports cluster.triton_kernels, so plain
+# `pytest` behaves like the nox sessions whichever test file is imported first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from cluster import ops, testing  # noqa: E402
 from cluster.testing import CONFIGS, RAGGED_CONFIGS, TOLERANCES
 
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

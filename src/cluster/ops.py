@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -70,8 +71,13 @@ def _backend_module(name: str):
     """Import a backend lazily, so that `import cluster` never fails because of one."""
     if name == "reference":
         return _ReferenceBackend, None
+    # sys.modules first: torch.compile cannot trace importlib, and after the first call
+    # the module is always there, so compiled callers see no graph break.
+    mod = sys.modules.get(_BACKEND_MODULES[name])
+    if mod is not None:
+        return mod, None
     try:
-        mod: ModuleType = importlib.import_module(_BACKEND_MODULES[name])
+        mod = importlib.import_module(_BACKEND_MODULES[name])
     except Exception as exc:  # ImportError, or a broken install of triton
         return None, f"importing {_BACKEND_MODULES[name]} failed: {type(exc).__name__}: {exc}"
     return mod, None

@@ -77,9 +77,15 @@ def test_gradcheck_float64(backend, device):
         kw = x.kwargs()
         kw.update({n: t for n, t in zip(names, tensors) if n in kw})
         t = dict(zip(names, tensors))
-        return ops.cluster_attention(t["q"], t["k"], t["v"], x.member_idx, backend=backend, **kw)
+        return ops.cluster_attention(t["q"], t["k"], t["v"], x.member_idx, backend=backend,
+                                     deterministic=True, **kw)
 
-    assert torch.autograd.gradcheck(f, tuple(x.float_tensors().values()), eps=1e-6, atol=1e-6)
+    # gradcheck also demands bitwise-reentrant backward; the reference on CUDA gets its
+    # gathers' gradients from torch's atomic scatter-add, which is not (torch's own
+    # nondeterminism, not ours): allow rounding-level differences there only.
+    nondet = 1e-12 if (device.type == "cuda" and backend == "reference") else 0.0
+    assert torch.autograd.gradcheck(f, tuple(x.float_tensors().values()), eps=1e-6, atol=1e-6,
+                                    nondet_tol=nondet)
 
 
 def test_gradcheck_empty_rows_without_blank():
@@ -96,6 +102,9 @@ def test_gradcheck_empty_rows_without_blank():
 
 
 def test_gradient_norms_finite_and_matching(backend, config, device, reference_cache):
+    if device.type == "cpu" and backend == "triton" and config.name == "config_3_large":
+        pytest.skip("interpreter time: config_3_large triton gradients are checked elementwise "
+                    "in test_gradients_match_reference")
     ref = reference_cache(config, SEED)
     x = testing.make_inputs(config, seed=SEED)
     grads = _grads(backend, x, torch.float32, device, ref["dout"])

@@ -1,0 +1,921 @@
+"""Fused Triton backend of :mod:`cluster.ops`: cluster attention and weighted features.
+
+Sections: helpers / forward / backward / weighted features / registration.
+
+Cluster attention is a batched gather-GEMV (every query has its own key list), so the
+kernels use elementwise-product-and-reduce tiles ``[rows, slots, BLOCK_D]`` instead of
+``tl.dot``: the result is exact float32 (no tf32), the code is the same for float64, and
+the op is bound by the gathers' memory traffic, not by arithmetic.
+
+Determinism: the forward and the dq / dk / dv / blank gradients never use atomics, so
+they are bitwise reproducible in both modes. Only the position-bias table gradient
+uses float atomics, and only when ``deterministic`` is False.
+
+The kernels read ``TRITON_INTERPRET`` when they are decorated, i.e. at import: set it
+before importing this module to run them on the CPU interpreter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "MAX_HEAD_DIM",
+    "unavailable_reason",
+    "cluster_attention",
+    "weighted_features",
+]
+
+MAX_HEAD_DIM = 256
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# Elements of one [rows, slots, BLOCK_D] gather tile. Sized from ptxas register counts
+# for sm_90 (num_warps=4, strides and D divisible by 16 as the JIT specialises them):
+# 4096 keeps the forward near 100-130 registers and the backward kernels at or below
+# ~170 without spills; float64 values take two registers, so they get half.
+_TILE_BUDGET = 4096
+_NUM_WARPS = 4
+
+
+def _interpreter_numpy_shim() -> None:
+    """Let the interpreter run loops with runtime bounds under numpy >= 2.4.
+
+    triton 3.6's interpreter turns a scalar tensor into a Python int with
+    ``int(one_element_array)``, which numpy 2.4 refuses; every ``range(M)`` over a
+    kernel argument then fails. Only the interpreter is touched, and only when numpy
+    actually refuses the conversion.
+    """
+    import numpy as np
+
+    try:
+        int(np.ones(1, dtype=np.int32))
+        return
+    except TypeError:
+        pass
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    # Another triton layout, or already shimmed: leave the interpreter alone.
+    if original is None or getattr(original, "_cluster_numpy_shim", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor._cluster_numpy_shim = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if _INTERPRET:
+    _interpreter_numpy_shim()
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    device = torch.device(device)
+    if dtype not in _DTYPES:
+        return f"the triton backend does not support dtype {dtype}"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and _INTERPRET:
+        return None
+    return (
+        f"Triton needs a CUDA GPU, or TRITON_INTERPRET=1 set before import for the CPU "
+        f"interpreter (device is {device})"
+    )
+
+
+# =========================================================================== helpers
+
+
+def _np2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _split_scale(scale: float) -> tuple[float, float]:
+    # Triton passes Python floats as fp32 on the GPU. A hi + lo pair keeps ~48 bits of
+    # the scale for float64 kernels while fp32 kernels stay in fp32 arithmetic.
+    hi = float(torch.tensor(scale, dtype=torch.float32))
+    return hi, float(scale) - hi
+
+
+def _lastdim_unit(x: torch.Tensor) -> torch.Tensor:
+    # Kernels address rows by stride and assume unit stride along the last axis; any
+    # other layout (e.g. broadcast grads with stride 0) is copied once.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _row_blocks(block_d: int, n_slots: int, dtype: torch.dtype, share: int = 1):
+    """(rows per program, slots per chunk) of a [rows, slots, block_d] gather tile."""
+    budget = _TILE_BUDGET // share // (2 if dtype == torch.float64 else 1)
+    rows = 16 if block_d <= 16 else 8
+    if _INTERPRET:
+        # The interpreter pays per program and per op, not per element: bigger row blocks
+        # make CPU runs of the suite's large configuration affordable. Slots stay <= 32 so
+        # M > 32 still takes the multi-chunk (online softmax) path there.
+        budget, rows = 1 << 16, 64
+    slots = max(1, min(32, budget // (rows * block_d)))
+    return rows, min(_np2(n_slots), slots)
+
+
+def _attn_blocks(D: int, M: int, dtype: torch.dtype, key_side: bool = False):
+    """(BLOCK rows, BLOCK slots, BLOCK_D). The key-side backward keeps two gathered tiles
+    (q and dO) and two accumulators live, so it gets half the tile."""
+    block_d = _np2(D)
+    rows, slots = _row_blocks(block_d, M, dtype, 2 if key_side else 1)
+    return rows, slots, block_d
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _head_groups(n_blocks: int, B: int, H: int, device: torch.device) -> tuple[int, int]:
+    """(heads per program, head groups): split the head loop only when the
+    (row block, batch) grid alone would leave streaming multiprocessors idle."""
+    if device.type != "cuda":
+        return H, 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    target = 4 * _SM_COUNT[index]
+    have = n_blocks * B
+    if have >= target:
+        return H, 1
+    hpg = -(-H // min(H, -(-target // have)))
+    return hpg, -(-H // hpg)
+
+
+def _device_guard(t: torch.Tensor):
+    # Triton launches on the current CUDA device, which need not be the tensors'.
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _reverse_map(member_idx: torch.Tensor, mask: torch.Tensor | None, n_keys: int):
+    """Per batch, which flat slots ``i * M + s`` name each key, as CSR (perm, ptr).
+
+    perm [B, N*M] int32: slot positions sorted by key (stable, so in slot order per key);
+    ptr [B, n_keys + 1] int32: key n's entries are perm[b, ptr[b, n]:ptr[b, n + 1]].
+    Masked slots get the key ``n_keys`` and so sort past every list. Sorting and
+    searchsorted are deterministic, so the backward's summation order is fixed.
+    """
+    B, N, M = member_idx.shape
+    key = member_idx.reshape(B, N * M).to(torch.int32)
+    if mask is not None:
+        key = torch.where(mask.reshape(B, N * M), key, torch.full_like(key, n_keys))
+    sorted_key, perm = torch.sort(key, dim=1, stable=True)
+    bounds = torch.arange(n_keys + 1, device=key.device, dtype=torch.int32)
+    ptr = torch.searchsorted(sorted_key, bounds.expand(B, n_keys + 1).contiguous(),
+                             out_int32=True)
+    return perm.to(torch.int32).contiguous(), ptr.contiguous()
+
+
+@triton.jit
+def _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
+                HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Key indices, bias-table rows and validity of slots m0..m0+BLOCK_M of a row block."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    ok = q_ok[:, None] & (offs_m[None, :] < M)
+    off = row_off[:, None] + offs_m[None, :]
+    idx = tl.load(IDX + off, mask=ok, other=0)
+    if HAS_MASK:
+        ok = ok & (tl.load(MASK + off, mask=ok, other=0) != 0)
+    if HAS_PE:
+        pe = tl.load(PEIDX + off, mask=ok, other=0)
+    else:
+        pe = idx
+    return idx, pe, ok, off
+
+
+# =========================================================================== forward
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    spet, speh, sbkh, sbvh,
+    H, N, M, D, scale_hi, scale_lo, HPG, NHG,
+    HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BLANK: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # Axis 1 enumerates (batch, head group): small problems split the heads over
+    # several programs so that the GPU still gets enough of them.
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NHG).to(tl.int64)
+    h_lo = (pid_bh % NHG) * HPG
+    h_hi = tl.minimum(h_lo + HPG, H)
+    offs_q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = offs_q < N
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qd_ok = q_ok[:, None] & d_ok[None, :]
+    row_off = offs_q * M
+    IDX += b * N * M
+    PEIDX += b * N * M
+    MASK += b * N * M
+    Q += b * sqb
+    K += b * skb
+    V += b * svb
+    O += b * sob
+    LSE += b * H * N
+    NEG_INF = float("-inf")
+
+    # The slot metadata is shared by all heads: when one chunk covers M, read it once.
+    if ONE_CHUNK:
+        idx0, pe0, ok0, _o = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M,
+                                         HAS_PE, HAS_MASK, BLOCK_M)
+
+    for h in range(h_lo, h_hi):
+        q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
+                    other=0.0).to(ACC)
+        q = q * scale_hi + q * scale_lo
+        m_i = tl.full([BLOCK_Q], NEG_INF, ACC)
+        l_i = tl.zeros([BLOCK_Q], ACC)
+        acc = tl.zeros([BLOCK_Q, BLOCK_D], ACC)
+        if HAS_BLANK:
+            bk = tl.load(BK + h * sbkh + offs_d, mask=d_ok, other=0.0).to(ACC)
+            bv = tl.load(BV + h * sbvh + offs_d, mask=d_ok, other=0.0).to(ACC)
+            # The blank is the softmax's first element: running max = its logit, sum = 1.
+            m_i = tl.sum(q * bk[None, :], 1)
+            l_i = tl.zeros([BLOCK_Q], ACC) + 1.0
+            acc = tl.zeros([BLOCK_Q, BLOCK_D], ACC) + bv[None, :]
+        for m0 in range(0, M, BLOCK_M):
+            if ONE_CHUNK:
+                idx, pe, ok = idx0, pe0, ok0
+            else:
+                idx, pe, ok, _o = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
+                                              HAS_PE, HAS_MASK, BLOCK_M)
+            kd_ok = ok[:, :, None] & d_ok[None, None, :]
+            kt = tl.load(K + h * skh + idx[:, :, None] * skn + offs_d[None, None, :],
+                         mask=kd_ok, other=0.0).to(ACC)
+            s = tl.sum(q[:, None, :] * kt, 2)
+            if HAS_PE:
+                s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
+            s = tl.where(ok, s, NEG_INF)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # All-invalid so far: shift by 0 so that exp(-inf - shift) = 0, never NaN.
+            m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
+            alpha = tl.exp(m_i - m_use)
+            p = tl.exp(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(V + h * svh + idx[:, :, None] * svn + offs_d[None, None, :],
+                         mask=kd_ok, other=0.0).to(ACC)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt, 1)
+            m_i = m_new
+        has = l_i > 0
+        l_safe = tl.where(has, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        # lse = +inf on empty rows makes the backward's exp(logit - lse) exactly 0.
+        lse = tl.where(has, m_i + tl.log(l_safe), float("inf"))
+        tl.store(O + h * soh + offs_q[:, None] * son + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=qd_ok)
+        tl.store(LSE + h * N + offs_q, lse, mask=q_ok)
+
+
+def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale):
+    B, H, N, D = q.shape
+    M = member_idx.shape[-1]
+    q, k, v = _lastdim_unit(q), _lastdim_unit(k), _lastdim_unit(v)
+    idx = member_idx.contiguous()
+    has_pe, has_mask, has_blank = pe_table is not None, mask is not None, blank_k is not None
+    pe_idx = pe_idx.contiguous() if has_pe else idx
+    pe_t = pe_table if has_pe else q
+    mask_u8 = mask.contiguous().view(torch.uint8) if has_mask else idx
+    bk = _lastdim_unit(blank_k) if has_blank else q
+    bv = _lastdim_unit(blank_v) if has_blank else q
+    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=_acc_dtype(q.dtype), device=q.device)
+    BQ, BM, BD = _attn_blocks(D, M, q.dtype)
+    hi, lo = _split_scale(scale)
+    hpg, nhg = _head_groups(triton.cdiv(N, BQ), B, H, q.device)
+    grid = (triton.cdiv(N, BQ), B * nhg)
+    with _device_guard(q):
+        _attn_fwd_kernel[grid](
+            q, k, v, out, lse, idx, pe_idx, mask_u8, pe_t, bk, bv,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
+            bk.stride(0) if has_blank else 0, bv.stride(0) if has_blank else 0,
+            H, N, M, D, hi, lo, hpg, nhg,
+            HAS_PE=has_pe, HAS_MASK=has_mask, HAS_BLANK=has_blank, ONE_CHUNK=BM >= M,
+            BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, ACC=_tl_acc(q.dtype), num_warps=_NUM_WARPS,
+        )
+    return out, lse
+
+
+# =========================================================================== backward
+
+
+@triton.jit
+def _attn_bwd_q_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV,
+    DPE, DSBUF, DBK_PART, DBV_PART,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
+    spet, speh, sbkh, sbvh,
+    H, N, M, D, scale_hi, scale_lo, HPG, NHG,
+    HAS_PE: tl.constexpr, DPE_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_BLANK: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Query side: Delta, dq, the blank's partial sums and the bias-table gradient.
+
+    DPE_MODE 0: no table gradient; 1: float atomics into DPE [T, H]; 2: ds written to
+    DSBUF [B, N, M, H] for a deterministic segment sum afterwards.
+    """
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NHG).to(tl.int64)
+    h_lo = (pid_bh % NHG) * HPG
+    h_hi = tl.minimum(h_lo + HPG, H)
+    # Head groups of one row block write disjoint heads of the same partial row.
+    lin = b * tl.num_programs(0) + pid
+    offs_q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = offs_q < N
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qd_ok = q_ok[:, None] & d_ok[None, :]
+    row_off = offs_q * M
+    IDX += b * N * M
+    PEIDX += b * N * M
+    MASK += b * N * M
+    DSBUF += b * N * M * H
+    Q += b * sqb
+    K += b * skb
+    V += b * svb
+    O += b * sob
+    DO += b * sdob
+    DQ += b * H * N * D
+    LSE += b * H * N
+    DELTA += b * H * N
+
+    if ONE_CHUNK:
+        idx0, pe0, ok0, off0 = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M,
+                                           HAS_PE, HAS_MASK, BLOCK_M)
+
+    for h in range(h_lo, h_hi):
+        q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
+                    other=0.0).to(ACC)
+        qs = q * scale_hi + q * scale_lo
+        do = tl.load(DO + h * sdoh + offs_q[:, None] * sdon + offs_d[None, :], mask=qd_ok,
+                     other=0.0).to(ACC)
+        o = tl.load(O + h * soh + offs_q[:, None] * son + offs_d[None, :], mask=qd_ok,
+                    other=0.0).to(ACC)
+        # O already holds the blank's share, so this is the full sum_j p_j dp_j.
+        delta = tl.sum(do * o, 1)
+        tl.store(DELTA + h * N + offs_q, delta, mask=q_ok)
+        lse = tl.load(LSE + h * N + offs_q, mask=q_ok, other=float("inf"))
+        dq = tl.zeros([BLOCK_Q, BLOCK_D], ACC)
+        if HAS_BLANK:
+            bk = tl.load(BK + h * sbkh + offs_d, mask=d_ok, other=0.0).to(ACC)
+            bv = tl.load(BV + h * sbvh + offs_d, mask=d_ok, other=0.0).to(ACC)
+            pb = tl.exp(tl.sum(qs * bk[None, :], 1) - lse)
+            pb = tl.where(q_ok, pb, 0.0)
+            dsb = pb * (tl.sum(do * bv[None, :], 1) - delta)
+            dq += dsb[:, None] * bk[None, :]
+            # Per-program partial sums, added up in torch: fixed order, no atomics.
+            dbk = tl.sum(dsb[:, None] * qs, 0)
+            dbv = tl.sum(pb[:, None] * do, 0)
+            tl.store(DBK_PART + (lin * H + h) * D + offs_d, dbk, mask=d_ok)
+            tl.store(DBV_PART + (lin * H + h) * D + offs_d, dbv, mask=d_ok)
+        for m0 in range(0, M, BLOCK_M):
+            if ONE_CHUNK:
+                idx, pe, ok, off = idx0, pe0, ok0, off0
+            else:
+                idx, pe, ok, off = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
+                                               HAS_PE, HAS_MASK, BLOCK_M)
+            kd_ok = ok[:, :, None] & d_ok[None, None, :]
+            kt = tl.load(K + h * skh + idx[:, :, None] * skn + offs_d[None, None, :],
+                         mask=kd_ok, other=0.0).to(ACC)
+            s = tl.sum(qs[:, None, :] * kt, 2)
+            if HAS_PE:
+                s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
+            p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+            vt = tl.load(V + h * svh + idx[:, :, None] * svn + offs_d[None, None, :],
+                         mask=kd_ok, other=0.0).to(ACC)
+            dp = tl.sum(do[:, None, :] * vt, 2)
+            ds = p * (dp - delta[:, None])
+            dq += tl.sum(ds[:, :, None] * kt, 1)
+            if DPE_MODE == 1:
+                tl.atomic_add(DPE + pe * H + h, ds, mask=ok)
+            if DPE_MODE == 2:
+                tl.store(DSBUF + off * H + h, ds, mask=ok)
+        dq = dq * scale_hi + dq * scale_lo
+        tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=qd_ok)
+
+
+@triton.jit
+def _attn_bwd_kv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
+    spet, speh,
+    H, N, M, D, scale_hi, scale_lo, HPG, NHG,
+    HAS_PE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Key side: each program owns BLOCK_K keys and walks the queries that name them
+    (the reverse map), so dk / dv are plain stores in a fixed order."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NHG).to(tl.int64)
+    h_lo = (pid_bh % NHG) * HPG
+    h_hi = tl.minimum(h_lo + HPG, H)
+    offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < N
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kd_ok = k_ok[:, None] & d_ok[None, :]
+    PTR += b * (N + 1)
+    PERM += b * N * M
+    PEIDX += b * N * M
+    Q += b * sqb
+    K += b * skb
+    V += b * svb
+    DO += b * sdob
+    DK += b * H * N * D
+    DV += b * H * N * D
+    LSE += b * H * N
+    DELTA += b * H * N
+    start = tl.load(PTR + offs_k, mask=k_ok, other=0)
+    cnt = tl.load(PTR + offs_k + 1, mask=k_ok, other=0) - start
+    n_max = tl.max(cnt, 0)
+
+    for h in range(h_lo, h_hi):
+        kn = tl.load(K + h * skh + offs_k[:, None] * skn + offs_d[None, :], mask=kd_ok,
+                     other=0.0).to(ACC)
+        kn = kn * scale_hi + kn * scale_lo
+        vn = tl.load(V + h * svh + offs_k[:, None] * svn + offs_d[None, :], mask=kd_ok,
+                     other=0.0).to(ACC)
+        dk = tl.zeros([BLOCK_K, BLOCK_D], ACC)
+        dv = tl.zeros([BLOCK_K, BLOCK_D], ACC)
+        for e0 in range(0, n_max, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)
+            ok = offs_e[None, :] < cnt[:, None]
+            slot = tl.load(PERM + start[:, None] + offs_e[None, :], mask=ok, other=0)
+            qi = slot // M
+            ed_ok = ok[:, :, None] & d_ok[None, None, :]
+            qt = tl.load(Q + h * sqh + qi[:, :, None] * sqn + offs_d[None, None, :],
+                         mask=ed_ok, other=0.0).to(ACC)
+            dot = tl.load(DO + h * sdoh + qi[:, :, None] * sdon + offs_d[None, None, :],
+                          mask=ed_ok, other=0.0).to(ACC)
+            lse = tl.load(LSE + h * N + qi, mask=ok, other=float("inf"))
+            delta = tl.load(DELTA + h * N + qi, mask=ok, other=0.0)
+            s = tl.sum(qt * kn[:, None, :], 2)
+            if HAS_PE:
+                pe = tl.load(PEIDX + slot, mask=ok, other=0)
+                s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
+            p = tl.where(ok, tl.exp(s - lse), 0.0)
+            dp = tl.sum(dot * vn[:, None, :], 2)
+            ds = p * (dp - delta)
+            dv += tl.sum(p[:, :, None] * dot, 1)
+            dk += tl.sum(ds[:, :, None] * qt, 1)
+        dk = dk * scale_hi + dk * scale_lo
+        out_off = h * N * D + offs_k[:, None] * D + offs_d[None, :]
+        tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kd_ok)
+        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kd_ok)
+
+
+@triton.jit
+def _segment_sum_kernel(SRC, PERM, PTR, OUT, C,
+                        BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """OUT[r, :C] = sum over e in [PTR[r], PTR[r+1]) of SRC[PERM[e], :C], in a fixed order."""
+    r = tl.program_id(0).to(tl.int64)
+    offs_c = tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    start = tl.load(PTR + r)
+    end = tl.load(PTR + r + 1)
+    acc = tl.zeros([BLOCK_E, BLOCK_C], ACC)
+    for e0 in range(start, end, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        ok = offs_e < end
+        row = tl.load(PERM + offs_e, mask=ok, other=0).to(tl.int64)
+        acc += tl.load(SRC + row[:, None] * C + offs_c[None, :],
+                       mask=ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+    tl.store(OUT + r * C + offs_c, tl.sum(acc, 0), mask=c_ok)
+
+
+def _pe_grad_deterministic(ds_buf, pe_idx, mask, T, H, acc_dtype):
+    """Sum ds [B*N*M, H] per table row through a CSR of pe_idx (no atomics)."""
+    key = pe_idx.reshape(-1).to(torch.int32)
+    if mask is not None:
+        key = torch.where(mask.reshape(-1), key, torch.full_like(key, T))
+    sorted_key, perm = torch.sort(key, stable=True)
+    bounds = torch.arange(T + 1, device=key.device, dtype=torch.int32)
+    ptr = torch.searchsorted(sorted_key, bounds, out_int32=True)
+    out = torch.empty((T, H), dtype=acc_dtype, device=ds_buf.device)
+    with _device_guard(ds_buf):
+        _segment_sum_kernel[(T,)](
+            ds_buf, perm, ptr, out, H, BLOCK_E=64, BLOCK_C=_np2(H),
+            ACC=_tl_acc(acc_dtype), num_warps=_NUM_WARPS,
+        )
+    return out
+
+
+def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, blank_k,
+                   blank_v, scale, deterministic, compute_kv, compute_pe):
+    B, H, N, D = q.shape
+    M = member_idx.shape[-1]
+    dev = q.device
+    acc = _acc_dtype(q.dtype)
+    q, k, v = _lastdim_unit(q), _lastdim_unit(k), _lastdim_unit(v)
+    dout, out = _lastdim_unit(dout), _lastdim_unit(out)
+    lse = lse.contiguous()
+    idx = member_idx.contiguous()
+    has_pe, has_mask, has_blank = pe_table is not None, mask is not None, blank_k is not None
+    pe_idx = pe_idx.contiguous() if has_pe else idx
+    pe_t = pe_table if has_pe else q
+    mask_b = mask.contiguous() if has_mask else None
+    mask_u8 = mask_b.view(torch.uint8) if has_mask else idx
+    bk = _lastdim_unit(blank_k) if has_blank else q
+    bv = _lastdim_unit(blank_v) if has_blank else q
+    BQ, BM, BD = _attn_blocks(D, M, q.dtype)
+    hi, lo = _split_scale(scale)
+    n_qblocks = triton.cdiv(N, BQ)
+    hpg, nhg = _head_groups(n_qblocks, B, H, dev)
+
+    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=dev)
+    delta = torch.empty((B, H, N), dtype=acc, device=dev)
+    dpe_mode = 0
+    dpe = dsbuf = None
+    if has_pe and compute_pe:
+        if deterministic:
+            dpe_mode = 2
+            dsbuf = torch.empty((B * N * M, H), dtype=acc, device=dev)
+        else:
+            dpe_mode = 1
+            dpe = torch.zeros((pe_table.shape[0], H), dtype=acc, device=dev)
+    if has_blank:
+        dbk_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
+        dbv_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
+    else:
+        dbk_part = dbv_part = delta
+    with _device_guard(q):
+        _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
+            q, k, v, out, dout, lse, delta, dq, idx, pe_idx, mask_u8, pe_t, bk, bv,
+            dpe if dpe is not None else delta, dsbuf if dsbuf is not None else delta,
+            dbk_part, dbv_part,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
+            bk.stride(0) if has_blank else 0, bv.stride(0) if has_blank else 0,
+            H, N, M, D, hi, lo, hpg, nhg,
+            HAS_PE=has_pe, DPE_MODE=dpe_mode, HAS_MASK=has_mask, HAS_BLANK=has_blank,
+            ONE_CHUNK=BM >= M, BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, ACC=_tl_acc(q.dtype),
+            num_warps=_NUM_WARPS,
+        )
+
+        if compute_kv:
+            dk = torch.empty((B, H, N, D), dtype=k.dtype, device=dev)
+            dv = torch.empty((B, H, N, D), dtype=v.dtype, device=dev)
+            perm, ptr = _reverse_map(idx, mask_b, N)
+            BK_, BE, _ = _attn_blocks(D, M, q.dtype, key_side=True)
+            _attn_bwd_kv_kernel[(triton.cdiv(N, BK_), B * nhg)](
+                q, k, v, dout, lse, delta, dk, dv, perm, ptr, pe_idx, pe_t,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                v.stride(0), v.stride(1), v.stride(2),
+                dout.stride(0), dout.stride(1), dout.stride(2),
+                pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
+                H, N, M, D, hi, lo, hpg, nhg,
+                HAS_PE=has_pe, BLOCK_K=BK_, BLOCK_E=BE, BLOCK_D=BD, ACC=_tl_acc(q.dtype),
+                num_warps=_NUM_WARPS,
+            )
+        else:
+            dk = q.new_empty(0, dtype=k.dtype)
+            dv = q.new_empty(0, dtype=v.dtype)
+
+        if dpe_mode == 2:
+            dpe = _pe_grad_deterministic(dsbuf, pe_idx, mask_b, pe_table.shape[0], H, acc)
+    dpe = dpe.to(pe_table.dtype) if dpe is not None else q.new_empty(0)
+    if has_blank:
+        dbk = dbk_part.sum(0).to(blank_k.dtype)
+        dbv = dbv_part.sum(0).to(blank_v.dtype)
+    else:
+        dbk, dbv = q.new_empty(0), q.new_empty(0)
+    return dq, dk, dv, dpe, dbk, dbv
+
+
+# =========================================================================== weighted features
+
+
+def _wf_blocks(C: int, M: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    block_c = min(_np2(C), 64)
+    rows, slots = _row_blocks(block_c, M, dtype)
+    return rows, slots, block_c
+
+
+@triton.jit
+def _wf_fwd_kernel(WT, F, OUT, IDX,
+                   swb, swn, swm, sww, sfb, sfn,
+                   N, M, W, C,
+                   BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                   ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = offs_q < N
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    IDX += b * N * M
+    WT += b * swb
+    F += b * sfb
+    OUT += b * N * W * C
+    for w in range(W):
+        acc = tl.zeros([BLOCK_Q, BLOCK_C], ACC)
+        for m0 in range(0, M, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            ok = q_ok[:, None] & (offs_m[None, :] < M)
+            idx = tl.load(IDX + offs_q[:, None] * M + offs_m[None, :], mask=ok, other=0)
+            wt = tl.load(WT + offs_q[:, None] * swn + offs_m[None, :] * swm + w * sww,
+                         mask=ok, other=0.0).to(ACC)
+            ft = tl.load(F + idx[:, :, None] * sfn + offs_c[None, None, :],
+                         mask=ok[:, :, None] & c_ok[None, None, :], other=0.0).to(ACC)
+            acc += tl.sum(wt[:, :, None] * ft, 1)
+        tl.store(OUT + (offs_q[:, None] * W + w) * C + offs_c[None, :],
+                 acc.to(OUT.dtype.element_ty), mask=q_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _wf_bwd_w_kernel(DO, F, DW, IDX,
+                     sdb, sdn, sdw, sfb, sfn,
+                     N, M, W, C,
+                     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                     ACC: tl.constexpr):
+    """d_weights[b,i,j,w] = <dout[b,i,w,:], feat[b, idx[b,i,j], :]>."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = offs_q < N
+    IDX += b * N * M
+    DO += b * sdb
+    F += b * sfb
+    DW += b * N * M * W
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        ok = q_ok[:, None] & (offs_m[None, :] < M)
+        idx = tl.load(IDX + offs_q[:, None] * M + offs_m[None, :], mask=ok, other=0)
+        for w in range(W):
+            acc = tl.zeros([BLOCK_Q, BLOCK_M], ACC)
+            for c0 in range(0, C, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                c_ok = offs_c < C
+                ft = tl.load(F + idx[:, :, None] * sfn + offs_c[None, None, :],
+                             mask=ok[:, :, None] & c_ok[None, None, :], other=0.0).to(ACC)
+                do = tl.load(DO + offs_q[:, None] * sdn + w * sdw + offs_c[None, :],
+                             mask=q_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+                acc += tl.sum(ft * do[:, None, :], 2)
+            tl.store(DW + (offs_q[:, None] * M + offs_m[None, :]) * W + w,
+                     acc.to(DW.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _wf_bwd_f_kernel(DO, WT, DF, PERM, PTR,
+                     sdb, sdn, sdw, swb, swn, swm, sww,
+                     N, Nf, M, W, C,
+                     BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
+                     ACC: tl.constexpr):
+    """d_feat[b,n,:] = sum over slots (i,j) naming n of sum_w weights[b,i,j,w] dout[b,i,w,:],
+    walked through the reverse map: no atomics, fixed order."""
+    pid = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < Nf
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    PTR += b * (Nf + 1)
+    PERM += b * N * M
+    DO += b * sdb
+    WT += b * swb
+    DF += b * Nf * C
+    start = tl.load(PTR + offs_k, mask=k_ok, other=0)
+    cnt = tl.load(PTR + offs_k + 1, mask=k_ok, other=0) - start
+    n_max = tl.max(cnt, 0)
+    acc = tl.zeros([BLOCK_K, BLOCK_C], ACC)
+    for e0 in range(0, n_max, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        ok = offs_e[None, :] < cnt[:, None]
+        slot = tl.load(PERM + start[:, None] + offs_e[None, :], mask=ok, other=0)
+        qi = slot // M
+        sj = slot - qi * M
+        ec_ok = ok[:, :, None] & c_ok[None, None, :]
+        for w in range(W):
+            wt = tl.load(WT + qi * swn + sj * swm + w * sww, mask=ok, other=0.0).to(ACC)
+            do = tl.load(DO + qi[:, :, None] * sdn + w * sdw + offs_c[None, None, :],
+                         mask=ec_ok, other=0.0).to(ACC)
+            acc += tl.sum(wt[:, :, None] * do, 1)
+    tl.store(DF + offs_k[:, None] * C + offs_c[None, :], acc.to(DF.dtype.element_ty),
+             mask=k_ok[:, None] & c_ok[None, :])
+
+
+def _wf_forward(weights, feat, member_idx):
+    B, N, M, W = weights.shape
+    C = feat.shape[-1]
+    feat = _lastdim_unit(feat)
+    idx = member_idx.contiguous()
+    out = torch.empty((B, N, W, C), dtype=feat.dtype, device=feat.device)
+    BQ, BM, BC = _wf_blocks(C, M, feat.dtype)
+    grid = (triton.cdiv(N, BQ), triton.cdiv(C, BC), B)
+    with _device_guard(feat):
+        _wf_fwd_kernel[grid](
+            weights, feat, out, idx,
+            weights.stride(0), weights.stride(1), weights.stride(2), weights.stride(3),
+            feat.stride(0), feat.stride(1),
+            N, M, W, C, BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_C=BC, ACC=_tl_acc(feat.dtype),
+            num_warps=_NUM_WARPS,
+        )
+    return out
+
+
+def _wf_backward(dout, weights, feat, member_idx, need_w, need_f):
+    B, N, M, W = weights.shape
+    Nf, C = feat.shape[1], feat.shape[2]
+    feat, dout = _lastdim_unit(feat), _lastdim_unit(dout)
+    idx = member_idx.contiguous()
+    BQ, BM, BC = _wf_blocks(C, M, feat.dtype)
+    acc = _tl_acc(feat.dtype)
+    dw = weights.new_empty(0)
+    df = feat.new_empty(0)
+    with _device_guard(feat):
+        if need_w:
+            dw = torch.empty((B, N, M, W), dtype=weights.dtype, device=feat.device)
+            _wf_bwd_w_kernel[(triton.cdiv(N, BQ), B)](
+                dout, feat, dw, idx, dout.stride(0), dout.stride(1), dout.stride(2),
+                feat.stride(0), feat.stride(1), N, M, W, C,
+                BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_C=BC, ACC=acc, num_warps=_NUM_WARPS,
+            )
+        if need_f:
+            df = torch.empty((B, Nf, C), dtype=feat.dtype, device=feat.device)
+            perm, ptr = _reverse_map(idx, None, Nf)
+            _wf_bwd_f_kernel[(triton.cdiv(Nf, BQ), triton.cdiv(C, BC), B)](
+                dout, weights, df, perm, ptr, dout.stride(0), dout.stride(1), dout.stride(2),
+                weights.stride(0), weights.stride(1), weights.stride(2), weights.stride(3),
+                N, Nf, M, W, C, BLOCK_K=BQ, BLOCK_E=BM, BLOCK_C=BC, ACC=acc,
+                num_warps=_NUM_WARPS,
+            )
+    return dw, df
+
+
+# =========================================================================== registration
+#
+# Custom ops keep torch.compile from tracing into Triton launches (and the host-side
+# sorts of the backward): dynamo sees one opaque op per direction, with fake
+# implementations giving output metadata, and autograd goes through register_autograd.
+# Absent optional gradients come back as empty tensors because custom ops cannot
+# return None.
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("cluster_triton::attn_fwd", mutates_args=())
+def _attn_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, member_idx: Tensor, pe_table: Tensor | None,
+    pe_idx: Tensor | None, mask: Tensor | None, blank_k: Tensor | None,
+    blank_v: Tensor | None, scale: float, deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    return _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale)
+
+
+@_attn_fwd_op.register_fake
+def _attn_fwd_fake(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale,
+                   deterministic):
+    B, H, N, D = q.shape
+    return (q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=_acc_dtype(q.dtype)))
+
+
+@torch.library.custom_op("cluster_triton::attn_bwd", mutates_args=())
+def _attn_bwd_op(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    member_idx: Tensor, pe_table: Tensor | None, pe_idx: Tensor | None, mask: Tensor | None,
+    blank_k: Tensor | None, blank_v: Tensor | None, scale: float, deterministic: bool,
+    compute_kv: bool, compute_pe: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask,
+                          blank_k, blank_v, scale, deterministic, compute_kv, compute_pe)
+
+
+@_attn_bwd_op.register_fake
+def _attn_bwd_fake(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, blank_k,
+                   blank_v, scale, deterministic, compute_kv, compute_pe):
+    B, H, N, D = q.shape
+    dq = q.new_empty((B, H, N, D))
+    if compute_kv:
+        dk, dv = k.new_empty((B, H, N, D)), v.new_empty((B, H, N, D))
+    else:
+        dk, dv = q.new_empty(0, dtype=k.dtype), q.new_empty(0, dtype=v.dtype)
+    if pe_table is not None and compute_pe:
+        dpe = pe_table.new_empty(pe_table.shape)
+    else:
+        dpe = q.new_empty(0)
+    if blank_k is not None:
+        dbk, dbv = blank_k.new_empty((H, D)), blank_v.new_empty((H, D))
+    else:
+        dbk, dbv = q.new_empty(0), q.new_empty(0)
+    return dq, dk, dv, dpe, dbk, dbv
+
+
+def _attn_setup_context(ctx, inputs, output):
+    q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, blank_k,
+                          blank_v)
+    ctx.scale = scale
+    ctx.deterministic = deterministic
+    ctx.mark_non_differentiable(lse)
+
+
+def _attn_backward_autograd(ctx, dout, _dlse):
+    q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, blank_k, blank_v = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dq, dk, dv, dpe, dbk, dbv = _attn_bwd_op(
+        dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
+        ctx.scale, ctx.deterministic, bool(need[1] or need[2]), bool(need[4]),
+    )
+    return (
+        dq if need[0] else None,
+        dk if need[1] else None,
+        dv if need[2] else None,
+        None,
+        dpe if (pe_table is not None and need[4]) else None,
+        None,
+        None,
+        dbk if (blank_k is not None and need[7]) else None,
+        dbv if (blank_v is not None and need[8]) else None,
+        None,
+        None,
+    )
+
+
+_attn_fwd_op.register_autograd(_attn_backward_autograd, setup_context=_attn_setup_context)
+
+
+@torch.library.custom_op("cluster_triton::wf_fwd", mutates_args=())
+def _wf_fwd_op(weights: Tensor, feat: Tensor, member_idx: Tensor) -> Tensor:
+    return _wf_forward(weights, feat, member_idx)
+
+
+@_wf_fwd_op.register_fake
+def _wf_fwd_fake(weights, feat, member_idx):
+    B, N, M, W = weights.shape
+    return feat.new_empty((B, N, W, feat.shape[-1]))
+
+
+@torch.library.custom_op("cluster_triton::wf_bwd", mutates_args=())
+def _wf_bwd_op(dout: Tensor, weights: Tensor, feat: Tensor, member_idx: Tensor,
+               need_w: bool, need_f: bool) -> tuple[Tensor, Tensor]:
+    return _wf_backward(dout, weights, feat, member_idx, need_w, need_f)
+
+
+@_wf_bwd_op.register_fake
+def _wf_bwd_fake(dout, weights, feat, member_idx, need_w, need_f):
+    dw = weights.new_empty(weights.shape) if need_w else weights.new_empty(0)
+    df = feat.new_empty(feat.shape) if need_f else feat.new_empty(0)
+    return dw, df
+
+
+def _wf_setup_context(ctx, inputs, output):
+    weights, feat, member_idx = inputs
+    ctx.save_for_backward(weights, feat, member_idx)
+
+
+def _wf_backward_autograd(ctx, dout):
+    weights, feat, member_idx = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dw, df = _wf_bwd_op(dout, weights, feat, member_idx, bool(need[0]), bool(need[1]))
+    return (dw if need[0] else None, df if need[1] else None, None)
+
+
+_wf_fwd_op.register_autograd(_wf_backward_autograd, setup_context=_wf_setup_context)
+
+
+def cluster_attention(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale,
+                      deterministic):
+    """Fused cluster attention; arguments already validated by :func:`cluster.ops.check_inputs`."""
+    out, _ = _attn_fwd_op(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
+                          float(scale), bool(deterministic))
+    return out
+
+
+def weighted_features(weights, feat, member_idx):
+    """Fused ``out[b,i,w,c] = sum_j weights[b,i,j,w] * feat[b, member_idx[b,i,j], c]``."""
+    return _wf_fwd_op(weights, feat, member_idx)

@@ -1,0 +1,305 @@
+"""Backward of the fused Triton kernels (cluster.triton_kernels) against the float64 reference.
+
+Without a GPU these run on Triton's CPU interpreter (TRITON_INTERPRET is set before the
+module is imported).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from cluster import ops, reference  # noqa: E402
+
+_DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+_WHY = ops.backend_unavailable_reason("triton", _DEV, torch.float32)
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"triton backend unavailable: {_WHY}")
+
+
+@pytest.fixture(autouse=True)
+def _worker_device(device):
+    # conftest's fixture makes this xdist worker's GPU the current one; "cuda" above
+    # then means that GPU.
+    return device
+
+if _WHY is None:
+    from cluster import triton_kernels as tk
+
+PARAMS = ("q", "k", "v", "pe_table", "blank_k", "blank_v")
+KWARGS = ("pe_table", "pe_idx", "mask", "blank_k", "blank_v")
+
+
+def make_case(B, H, N, D, M, *, seed, T=7, pe=True, mask=True, blank=True, dup=True,
+              empty_rows=False, index_dtype=torch.int64):
+    """Random float64 inputs: member_idx with duplicates, masks with fully masked rows."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(_DEV)
+
+    q, k, v = randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D)
+    idx = torch.randint(0, N, (B, N, M), generator=g)
+    if dup:
+        rep = torch.rand(B, N, M, generator=g) < 0.25
+        idx = torch.where(rep, idx[..., :1].expand_as(idx), idx)
+    valid = None
+    if mask or empty_rows:
+        valid = torch.rand(B, N, M, generator=g) > 0.2
+        if empty_rows:
+            valid[:, ::4] = False
+    pe_table = randn(T, H, s=0.5) if pe else None
+    pe_idx = torch.randint(0, T, (B, N, M), generator=g).to(index_dtype).to(_DEV) if pe else None
+    bk = randn(H, D) if blank else None
+    bv = randn(H, D) if blank else None
+    return dict(q=q, k=k, v=v, member_idx=idx.to(index_dtype).to(_DEV), pe_table=pe_table,
+                pe_idx=pe_idx, mask=None if valid is None else valid.to(_DEV),
+                blank_k=bk, blank_v=bv)
+
+
+def leaves(case, dtype, param_dtype=None, only=None):
+    """Detached copies in dtype (parameters in param_dtype), requiring grad."""
+    pd = param_dtype or dtype
+    out = dict(case)
+    for n in PARAMS:
+        if case[n] is not None:
+            out[n] = case[n].detach().to(dtype if n in ("q", "k", "v") else pd)
+            out[n].requires_grad_(only is None or n in only)
+    return out
+
+
+def fwd_bwd(c, backend, dout, scale=None, deterministic=False):
+    kw = {n: c[n] for n in KWARGS}
+    if backend == "reference":
+        out = reference.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], **kw,
+                                          scale=scale)
+    else:
+        out = ops.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], **kw, scale=scale,
+                                    backend=backend, deterministic=deterministic)
+    names = [n for n in PARAMS if c[n] is not None and c[n].requires_grad]
+    grads = torch.autograd.grad(out, [c[n] for n in names], dout.to(out.dtype))
+    return out, dict(zip(names, grads))
+
+
+def assert_close(x, ref, tol, what=""):
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(x).all(), f"{what}: non-finite values"
+    err = (x - ref).abs()
+    assert bool((err <= tol + tol * ref.abs()).all()), f"{what}: max abs err {float(err.max()):.3e}"
+
+
+def dout_for(case, seed):
+    g = torch.Generator().manual_seed(seed + 7919)
+    return torch.randn(case["q"].shape, generator=g, dtype=torch.float64).to(_DEV)
+
+
+SHAPES = [
+    pytest.param((2, 3, 61, 12, 24), id="n61_h3_d12_m24"),
+    pytest.param((1, 2, 100, 20, 40), id="n100_h2_d20_m40"),
+    pytest.param((2, 2, 37, 7, 5), id="n37_h2_d7_m5"),
+    pytest.param((1, 2, 19, 100, 9), id="n19_h2_d100_m9"),
+]
+FLAGS = [
+    pytest.param(dict(pe=True, mask=True, blank=True), id="pe_mask_blank"),
+    pytest.param(dict(pe=False, mask=False, blank=False), id="plain"),
+    pytest.param(dict(pe=True, mask=True, blank=False, empty_rows=True), id="empty_rows"),
+]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_backward_fp32_matches_reference(shape, flags, deterministic):
+    seed = zlib.crc32(repr((shape, flags)).encode()) % 1000
+    case = make_case(*shape, seed=seed, **flags)
+    dout = dout_for(case, seed)
+    ref_out, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
+    out, g = fwd_bwd(leaves(case, torch.float32), "triton", dout, deterministic=deterministic)
+    assert_close(out, ref_out, 1e-4, "out")
+    assert set(g) == set(ref_g)
+    for n in g:
+        assert g[n].dtype == torch.float32 and g[n].shape == ref_g[n].shape
+        assert_close(g[n], ref_g[n], 1e-3, f"d{n}")
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["i32", "i64"])
+def test_backward_fp64_matches_reference(index_dtype):
+    case = make_case(2, 2, 41, 20, 33, seed=11, empty_rows=True, index_dtype=index_dtype)
+    dout = dout_for(case, 11)
+    ref_out, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout, scale=0.41)
+    for det in (False, True):
+        out, g = fwd_bwd(leaves(case, torch.float64), "triton", dout, scale=0.41,
+                         deterministic=det)
+        for n in ref_g:
+            assert g[n].dtype == torch.float64
+            assert_close(g[n], ref_g[n], 1e-11, f"d{n} (deterministic={det})")
+
+
+@pytest.mark.parametrize("flags", [dict(pe=True, mask=True, blank=True),
+                                   dict(pe=True, mask=True, blank=False, empty_rows=True)],
+                         ids=["pe_mask_blank", "empty_rows"])
+def test_gradcheck_fp64(flags):
+    case = make_case(1, 2, 9, 5, 6, seed=12, T=3, **flags)
+    names = [n for n in PARAMS if case[n] is not None]
+    fixed = {n: case[n] for n in ("member_idx", "pe_idx", "mask")}
+
+    def f(*xs):
+        c = dict(fixed, **dict(zip(names, xs)))
+        for n in PARAMS:
+            c.setdefault(n, None)
+        kw = {n: c[n] for n in KWARGS}
+        return ops.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], **kw,
+                                     backend="triton")
+
+    xs = [case[n].clone().requires_grad_() for n in names]
+    assert torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+def test_deterministic_is_bitwise_reproducible():
+    case = make_case(2, 3, 61, 12, 24, seed=13, empty_rows=True)
+    case["pe_idx"] = case["pe_idx"] % 2  # many slots per table row: long segments
+    dout = dout_for(case, 13)
+    runs = [fwd_bwd(leaves(case, torch.float32), "triton", dout, deterministic=True)
+            for _ in range(2)]
+    (o1, g1), (o2, g2) = runs
+    assert torch.equal(o1, o2)
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]), f"d{n} differs between two deterministic runs"
+    _, gf = fwd_bwd(leaves(case, torch.float32), "triton", dout, deterministic=False)
+    for n in g1:
+        assert_close(gf[n], g1[n], 1e-4, f"d{n} fast vs deterministic")
+
+
+def test_deterministic_follows_torch_setting():
+    # ops passes deterministic=None as torch's global setting; the op must honour it.
+    case = make_case(1, 2, 20, 8, 6, seed=14)
+    dout = dout_for(case, 14)
+    prev = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        c = leaves(case, torch.float32)
+        kw = {n: c[n] for n in KWARGS}
+        out = ops.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], **kw,
+                                    backend="triton")
+        out.backward(dout.float())
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
+    assert_close(c["pe_table"].grad, ref_g["pe_table"], 1e-3, "dpe_table")
+
+
+def test_empty_rows_zero_grads():
+    case = make_case(1, 2, 21, 8, 6, seed=15, blank=False)
+    case["mask"][:, 3] = False
+    case["mask"][:, 10] = False
+    dout = dout_for(case, 15)
+    out, g = fwd_bwd(leaves(case, torch.float32), "triton", dout)
+    assert torch.equal(out[:, :, [3, 10]], torch.zeros_like(out[:, :, [3, 10]]))
+    assert torch.equal(g["q"][:, :, [3, 10]], torch.zeros_like(g["q"][:, :, [3, 10]]))
+    # Every row empty: all gradients exactly zero, nothing NaN.
+    case["mask"][:] = False
+    out, g = fwd_bwd(leaves(case, torch.float32), "triton", dout)
+    for n, t in g.items():
+        assert torch.equal(t, torch.zeros_like(t)), f"d{n} not zero"
+
+
+def test_duplicates_accumulate():
+    # Every slot names key 0: its gradient collects M contributions per query.
+    B, H, N, D, M = 1, 2, 13, 8, 5
+    case = make_case(B, H, N, D, M, seed=16, mask=False, pe=False, blank=False)
+    case["member_idx"] = torch.zeros_like(case["member_idx"])
+    dout = dout_for(case, 16)
+    _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
+    for det in (False, True):
+        _, g = fwd_bwd(leaves(case, torch.float64), "triton", dout, deterministic=det)
+        assert_close(g["v"], ref_g["v"], 1e-12, "dv")
+        assert_close(g["k"], ref_g["k"], 1e-12, "dk")
+        assert bool((g["v"][:, :, 1:] == 0).all())
+
+
+@pytest.mark.parametrize("only", [("q",), ("k",), ("pe_table", "blank_v")],
+                         ids=["q", "k", "pe_blank_v"])
+def test_partial_requires_grad(only):
+    case = make_case(1, 2, 25, 12, 9, seed=17)
+    dout = dout_for(case, 17)
+    _, ref_g = fwd_bwd(leaves(case, torch.float64, only=only), "reference", dout)
+    _, g = fwd_bwd(leaves(case, torch.float32, only=only), "triton", dout)
+    assert set(g) == set(only)
+    for n in only:
+        assert_close(g[n], ref_g[n], 1e-3, f"d{n}")
+
+
+def test_low_precision_param_grads_keep_dtype():
+    case = make_case(1, 2, 25, 16, 9, seed=18)
+    dout = dout_for(case, 18)
+    _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
+    _, g = fwd_bwd(leaves(case, torch.float16, param_dtype=torch.float32), "triton", dout)
+    for n in ("q", "k", "v"):
+        assert g[n].dtype == torch.float16
+    for n in ("pe_table", "blank_k", "blank_v"):
+        assert g[n].dtype == torch.float32
+    for n in g:
+        scale = float(ref_g[n].abs().max())
+        assert float((g[n].double() - ref_g[n]).abs().max()) <= 2e-2 * scale, f"d{n}"
+
+
+def test_broadcast_upstream_grad():
+    # out.sum().backward() hands the op an expanded gradient with stride 0 everywhere.
+    case = make_case(1, 2, 19, 8, 5, seed=19)
+    c = leaves(case, torch.float64)
+    kw = {n: c[n] for n in KWARGS}
+    ops.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], **kw,
+                          backend="triton").sum().backward()
+    r = leaves(case, torch.float64)
+    kw = {n: r[n] for n in KWARGS}
+    reference.cluster_attention(r["q"], r["k"], r["v"], r["member_idx"], **kw).sum().backward()
+    for n in PARAMS:
+        assert_close(c[n].grad, r[n].grad, 1e-12, f"d{n}")
+
+
+def test_head_groups_backward(monkeypatch):
+    case = make_case(1, 3, 30, 12, 10, seed=20)
+    dout = dout_for(case, 20)
+    _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
+    monkeypatch.setattr(tk, "_head_groups", lambda n, B, H, dev: (2, 2))
+    for det in (False, True):
+        _, g = fwd_bwd(leaves(case, torch.float64), "triton", dout, deterministic=det)
+        for n in g:
+            assert_close(g[n], ref_g[n], 1e-11, f"d{n}")
+
+
+@pytest.mark.parametrize("dims", [(2, 33, 23, 9, 3, 20), (1, 17, 40, 5, 1, 80)],
+                         ids=["w3_c20", "w1_c80"])
+def test_weighted_features_backward(dims):
+    B, N, Nf, M, W, C = dims
+    g = torch.Generator().manual_seed(21)
+    w = torch.randn(B, N, M, W, generator=g, dtype=torch.float64).to(_DEV)
+    f = torch.randn(B, Nf, C, generator=g, dtype=torch.float64).to(_DEV)
+    idx = torch.randint(0, Nf, (B, N, M), generator=g)
+    idx[:, :, 1] = idx[:, :, 0]
+    idx = idx.to(_DEV)
+    dout = torch.randn(B, N, W, C, generator=g, dtype=torch.float64).to(_DEV)
+    wr, fr = w.clone().requires_grad_(), f.clone().requires_grad_()
+    ref = torch.autograd.grad(reference.weighted_features(wr, fr, idx), (wr, fr), dout)
+    for dt, tol, it in ((torch.float64, 1e-12, torch.int64), (torch.float32, 1e-3, torch.int32)):
+        wt, ft = w.to(dt).requires_grad_(), f.to(dt).requires_grad_()
+        out = ops.weighted_features(wt, ft, idx.to(it), backend="triton")
+        gw, gf = torch.autograd.grad(out, (wt, ft), dout.to(dt))
+        assert gw.dtype == dt and gf.dtype == dt
+        assert_close(gw, ref[0], tol, "d_weights")
+        assert_close(gf, ref[1], tol, "d_feat")
+
+
+def test_weighted_features_gradcheck():
+    g = torch.Generator().manual_seed(22)
+    w = torch.randn(1, 6, 4, 2, generator=g, dtype=torch.float64).to(_DEV).requires_grad_()
+    f = torch.randn(1, 5, 3, generator=g, dtype=torch.float64).to(_DEV).requires_grad_()
+    idx = torch.randint(0, 5, (1, 6, 4), generator=g).to(_DEV)
+    assert torch.autograd.gradcheck(
+        lambda a, b: ops.weighted_features(a, b, idx, backend="triton"), (w, f), fast_mode=True)
