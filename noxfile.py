@@ -66,7 +66,8 @@ def _pytest(session: nox.Session, *extra: str) -> None:
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
     """The suite under pytest-xdist; `-- --shard i/K`, `-k`, `-n 4` ... go to pytest."""
-    _install(session)
+    # keops too, so the PyKeOps kNN is checked against the PyTorch one (compiles with g++)
+    _install(session, extras="test,keops")
     _pytest(session)
 
 
