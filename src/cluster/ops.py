@@ -18,7 +18,6 @@ import importlib
 import math
 import sys
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
