@@ -144,7 +144,8 @@ def test_backward_fp64_matches_reference(index_dtype):
 @pytest.mark.parametrize("flags", [dict(pe=True, mask=True, blank=True),
                                    dict(pe=True, mask=True, blank=False, empty_rows=True)],
                          ids=["pe_mask_blank", "empty_rows"])
-def test_gradcheck_fp64(flags):
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+def test_gradcheck_fp64(flags, deterministic):
     case = make_case(1, 2, 9, 5, 6, seed=12, T=3, **flags)
     names = [n for n in PARAMS if case[n] is not None]
     fixed = {n: case[n] for n in ("member_idx", "pe_idx", "mask")}
@@ -155,10 +156,15 @@ def test_gradcheck_fp64(flags):
             c.setdefault(n, None)
         kw = {n: c[n] for n in KWARGS}
         return ops.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], **kw,
-                                     backend="triton")
+                                     backend="triton", deterministic=deterministic)
 
     xs = [case[n].clone().requires_grad_() for n in names]
-    assert torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+    # gradcheck runs the backward twice and compares. The fast mode adds d_pe_table with
+    # float atomics, whose order varies on a GPU (seen on the H100: a last-bit difference),
+    # so it gets a tolerance far below the check's own; the deterministic mode gets none.
+    nondet = 0.0 if deterministic or _DEV.type != "cuda" else 1e-12
+    assert torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True,
+                                    nondet_tol=nondet)
 
 
 def test_deterministic_is_bitwise_reproducible():
