@@ -36,12 +36,28 @@ MAX_HEAD_DIM = 256
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-# Elements of one [rows, slots, BLOCK_D] gather tile. Sized from ptxas register counts
-# for sm_90 (num_warps=4, strides and D divisible by 16 as the JIT specialises them):
-# 4096 keeps the forward near 100-130 registers and the backward kernels at or below
-# ~170 without spills; float64 values take two registers, so they get half.
+# Elements of one [rows, slots, BLOCK_D] gather tile of the weighted-feature kernels. Sized
+# from ptxas register counts for sm_90 (num_warps=4, strides and D divisible by 16 as the
+# JIT specialises them): 4096 keeps them at or below ~170 registers without spills; float64
+# values take two registers, so they get half.
 _TILE_BUDGET = 4096
 _NUM_WARPS = 4
+
+# Attention kernels: (rows per program, slots per chunk at most, elements of one gather
+# tile, num_warps) per kernel and value width (4 = float32, 2 = float16/bfloat16; float64
+# takes the float32 entry with half the tile). The kernels reduce over D and over slots
+# across the threads of a program, so fewer warps per program mean cheaper reductions and
+# more programs per SM; picked with benchmarks/tune.py on the H100 at the AFF shapes (its
+# results are in benchmarks/results/tune-*.md). Read at every launch, so a tuning script
+# may swap entries.
+TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
+    ("fwd", 4): (16, 32, 4096, 1),
+    ("fwd", 2): (8, 32, 2048, 1),
+    ("bwd_q", 4): (8, 32, 4096, 4),
+    ("bwd_q", 2): (8, 32, 4096, 2),
+    ("bwd_kv", 4): (8, 32, 1024, 1),
+    ("bwd_kv", 2): (8, 32, 1024, 1),
+}
 
 
 def _interpreter_numpy_shim() -> None:
@@ -120,25 +136,30 @@ def _lastdim_unit(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _row_blocks(block_d: int, n_slots: int, dtype: torch.dtype, share: int = 1):
-    """(rows per program, slots per chunk) of a [rows, slots, block_d] gather tile."""
-    budget = _TILE_BUDGET // share // (2 if dtype == torch.float64 else 1)
+def _row_blocks(block_d: int, n_slots: int, dtype: torch.dtype):
+    """(rows per program, slots per chunk) of a weighted-feature [rows, slots, block_d] tile."""
+    budget = _TILE_BUDGET // (2 if dtype == torch.float64 else 1)
     rows = 16 if block_d <= 16 else 8
     if _INTERPRET:
-        # The interpreter pays per program and per op, not per element: bigger row blocks
-        # make CPU runs of the suite's large configuration affordable. Slots stay <= 32 so
-        # M > 32 still takes the multi-chunk (online softmax) path there.
         budget, rows = 1 << 16, 64
     slots = max(1, min(32, budget // (rows * block_d)))
     return rows, min(_np2(n_slots), slots)
 
 
-def _attn_blocks(D: int, M: int, dtype: torch.dtype, key_side: bool = False):
-    """(BLOCK rows, BLOCK slots, BLOCK_D). The key-side backward keeps two gathered tiles
-    (q and dO) and two accumulators live, so it gets half the tile."""
+def _attn_blocks(D: int, M: int, dtype: torch.dtype, kind: str):
+    """(BLOCK rows, BLOCK slots, BLOCK_D, num_warps) of attention kernel ``kind``."""
     block_d = _np2(D)
-    rows, slots = _row_blocks(block_d, M, dtype, 2 if key_side else 1)
-    return rows, slots, block_d
+    width = 2 if dtype in (torch.float16, torch.bfloat16) else 4
+    rows, max_slots, budget, warps = TUNING[kind, width]
+    if dtype == torch.float64:
+        budget //= 2
+    if _INTERPRET:
+        # The interpreter pays per program and per op, not per element: bigger row blocks
+        # make CPU runs of the suite's large configuration affordable. Slots stay <= 32 so
+        # M > 32 still takes the multi-chunk (online softmax) path there.
+        rows, max_slots, budget = 64, 32, 1 << 16
+    slots = max(1, min(max_slots, budget // (rows * block_d)))
+    return rows, min(_np2(M), slots), block_d, warps
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -304,7 +325,7 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
     bv = _lastdim_unit(blank_v) if has_blank else q
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=_acc_dtype(q.dtype), device=q.device)
-    BQ, BM, BD = _attn_blocks(D, M, q.dtype)
+    BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "fwd")
     hi, lo = _split_scale(scale)
     hpg, nhg = _head_groups(triton.cdiv(N, BQ), B, H, q.device)
     grid = (triton.cdiv(N, BQ), B * nhg)
@@ -317,7 +338,7 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
             bk.stride(0) if has_blank else 0, bv.stride(0) if has_blank else 0,
             H, N, M, D, hi, lo, hpg, nhg,
             HAS_PE=has_pe, HAS_MASK=has_mask, HAS_BLANK=has_blank, ONE_CHUNK=BM >= M,
-            BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, ACC=_tl_acc(q.dtype), num_warps=_NUM_WARPS,
+            BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, ACC=_tl_acc(q.dtype), num_warps=warps,
         )
     return out, lse
 
@@ -547,7 +568,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     mask_u8 = mask_b.view(torch.uint8) if has_mask else idx
     bk = _lastdim_unit(blank_k) if has_blank else q
     bv = _lastdim_unit(blank_v) if has_blank else q
-    BQ, BM, BD = _attn_blocks(D, M, q.dtype)
+    BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "bwd_q")
     hi, lo = _split_scale(scale)
     n_qblocks = triton.cdiv(N, BQ)
     hpg, nhg = _head_groups(n_qblocks, B, H, dev)
@@ -581,23 +602,24 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             H, N, M, D, hi, lo, hpg, nhg,
             HAS_PE=has_pe, DPE_MODE=dpe_mode, HAS_MASK=has_mask, HAS_BLANK=has_blank,
             ONE_CHUNK=BM >= M, BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, ACC=_tl_acc(q.dtype),
-            num_warps=_NUM_WARPS,
+            num_warps=warps,
         )
 
         if compute_kv:
             dk = torch.empty((B, H, N, D), dtype=k.dtype, device=dev)
             dv = torch.empty((B, H, N, D), dtype=v.dtype, device=dev)
             perm, ptr = _reverse_map(idx, mask_b, N)
-            BK_, BE, _ = _attn_blocks(D, M, q.dtype, key_side=True)
-            _attn_bwd_kv_kernel[(triton.cdiv(N, BK_), B * nhg)](
+            BK_, BE, _, kv_warps = _attn_blocks(D, M, q.dtype, "bwd_kv")
+            kv_hpg, kv_nhg = _head_groups(triton.cdiv(N, BK_), B, H, dev)
+            _attn_bwd_kv_kernel[(triton.cdiv(N, BK_), B * kv_nhg)](
                 q, k, v, dout, lse, delta, dk, dv, perm, ptr, pe_idx, pe_t,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 dout.stride(0), dout.stride(1), dout.stride(2),
                 pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
-                H, N, M, D, hi, lo, hpg, nhg,
+                H, N, M, D, hi, lo, kv_hpg, kv_nhg,
                 HAS_PE=has_pe, BLOCK_K=BK_, BLOCK_E=BE, BLOCK_D=BD, ACC=_tl_acc(q.dtype),
-                num_warps=_NUM_WARPS,
+                num_warps=kv_warps,
             )
         else:
             dk = q.new_empty(0, dtype=k.dtype)
