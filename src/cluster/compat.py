@@ -15,6 +15,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,11 @@ def _junit(path: str) -> dict:
     return res
 
 
+def _have_nvcc() -> bool:
+    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    return os.path.exists(os.path.join(home, "bin", "nvcc")) or bool(shutil.which("nvcc"))
+
+
 def cmd_run(a, pytest_args) -> int:
     t0 = time.time()
     rep = {"pair": a.pair, "torch_requested": a.torch, "triton_requested": a.triton,
@@ -57,10 +63,14 @@ def cmd_run(a, pytest_args) -> int:
                  "torch.cuda.is_available() else 'cpu'), torch.float32) or 'available')"],
                 capture_output=True, text=True)
             rep["extension"] = (ext.stdout.strip() or ext.stderr.strip()[-300:])
+            # A CUDA build of torch plus nvcc can compile csrc/ without a GPU; a CPU build refuses.
+            if a.check_compile == "auto":
+                a.check_compile = bool(rep.get("cuda")) and _have_nvcc()
             if a.check_compile:
                 cc = subprocess.run([sys.executable, "-m", "cluster.cuda_ext", "check-compile"],
                                     capture_output=True, text=True)
-                rep["extension"] = "compiles" if cc.returncode == 0 else "compile FAILED: " + cc.stdout[-300:]
+                rep["extension"] = ("compiles" if cc.returncode == 0
+                                    else "compile FAILED: " + (cc.stdout + cc.stderr)[-300:])
         else:
             rep["import_error"] = probe.stderr.strip()[-500:]
     if rep["import_ok"]:
@@ -162,7 +172,8 @@ def main(argv=None) -> int:
     r.add_argument("--triton", required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--install-ok", type=int, default=1)
-    r.add_argument("--check-compile", action="store_true")
+    r.add_argument("--check-compile", default="auto", type=lambda v: v if v == "auto" else bool(int(v)),
+                   help="compile csrc/ with nvcc: 1, 0, or auto (when torch is a CUDA build and nvcc exists)")
     t = sub.add_parser("table")
     t.add_argument("dir")
     d = sub.add_parser("diff")
