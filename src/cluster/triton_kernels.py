@@ -63,7 +63,7 @@ TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
 def _interpreter_numpy_shim() -> None:
     """Let the interpreter run loops with runtime bounds under numpy >= 2.4.
 
-    triton 3.6's interpreter turns a scalar tensor into a Python int with
+    triton's interpreter (3.5 to 3.8 at least) turns a scalar tensor into a Python int with
     ``int(one_element_array)``, which numpy 2.4 refuses; every ``range(M)`` over a
     kernel argument then fails. Only the interpreter is touched, and only when numpy
     actually refuses the conversion.
@@ -82,9 +82,16 @@ def _interpreter_numpy_shim() -> None:
     if original is None or getattr(original, "_cluster_numpy_shim", False):
         return
 
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    def index(self):
+        return int(self.handle.data.reshape(-1)[0])
+
+    # triton 3.6+ passes a patch scope that records attributes; 3.5 sets them directly.
+    def patch_lang_tensor(tensor, *scope):
+        original(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     patch_lang_tensor._cluster_numpy_shim = True
     interpreter._patch_lang_tensor = patch_lang_tensor
