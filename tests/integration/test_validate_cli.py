@@ -1,0 +1,45 @@
+"""`python -m cluster.validate` (the main job): verdict, exit status and a report even when a backend crashes."""
+
+import json
+
+import pytest
+
+from cluster import testing, validate
+
+
+def _run(tmp_path, *args):
+    rc = validate.main([*args, "--dtypes", "fp32", "--configs", "config_1_small", "--out", str(tmp_path)])
+    with open(tmp_path / "validate.json") as f:
+        return rc, json.load(f)
+
+
+def test_reference_alone_passes_and_writes_both_reports(tmp_path):
+    rc, rep = _run(tmp_path, "--backends", "reference")
+    assert rc == 0 and rep["verdict"] == "PASS"
+    assert [(c["backend"], c["config"], c["ok"]) for c in rep["cases"]] == [("reference", "config_1_small", True)]
+    assert "**Verdict: PASS**" in (tmp_path / "validate.md").read_text()
+
+
+def test_a_crashing_backend_fails_the_verdict_but_the_report_is_written(tmp_path, monkeypatch):
+    real = testing.run_case
+
+    def run_case(x, backend, **kw):
+        if backend == "cuda":
+            raise RuntimeError("simulated kernel crash")
+        return real(x, backend=backend, **kw)
+
+    # Pretend the cuda backend is present so that both the per-case run and the pairwise
+    # comparison call it and crash.
+    monkeypatch.setattr(validate, "_supported", lambda b, d, t: None)
+    monkeypatch.setattr(testing, "run_case", run_case)
+    rc, rep = _run(tmp_path, "--backends", "reference,cuda")
+    assert rc == 1 and rep["verdict"] == "FAIL"
+    crashed = [c for c in rep["cases"] if c["backend"] == "cuda"]
+    assert len(crashed) == 1 and not crashed[0]["ok"]
+    assert "simulated kernel crash" in crashed[0]["error"]
+    assert all("cuda" not in p["pair"] for p in rep["pairs"])
+
+
+def test_unknown_config_is_a_usage_error(tmp_path):
+    with pytest.raises(SystemExit):
+        validate.main(["--configs", "no_such_config", "--out", str(tmp_path)])
