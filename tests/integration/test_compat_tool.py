@@ -1,15 +1,10 @@
 """The compatibility-report tool: table rows for every pair (failed installs too) and the diff verdict."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location(
-    "compat_tool", Path(__file__).resolve().parents[2] / "src" / "cluster" / "compat.py")
-compat = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(compat)
+from cluster import compat
 
 
 def _report(pair, failing=(), errors=None, install_ok=True, passed=10):
