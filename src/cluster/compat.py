@@ -24,7 +24,7 @@ import xml.etree.ElementTree as ET
 
 
 def _junit(path: str) -> dict:
-    res = {"passed": 0, "failed": 0, "skipped": 0, "failing": []}
+    res = {"passed": 0, "failed": 0, "skipped": 0, "failing": [], "skipped_ids": {}}
     if not os.path.exists(path):
         return res
     for case in ET.parse(path).getroot().iter("testcase"):
@@ -34,9 +34,23 @@ def _junit(path: str) -> dict:
             res["failing"].append(tid)
         elif case.find("skipped") is not None:
             res["skipped"] += 1
+            res["skipped_ids"][tid] = (case.find("skipped").get("message") or "")[:200]
         else:
             res["passed"] += 1
     return res
+
+
+def _commit() -> str:
+    """HEAD, plus "+changes" when the code under test differs from it (reports/ may differ)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, cwd=here).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src", "csrc", "tests"],
+                               capture_output=True, text=True, cwd=os.path.join(here, "..", "..")).stdout
+    except OSError:
+        return "unknown"
+    return (head + ("+changes" if dirty.strip() else "")) if head else "unknown"
 
 
 def _have_nvcc() -> bool:
@@ -48,7 +62,7 @@ def cmd_run(a, pytest_args) -> int:
     t0 = time.time()
     rep = {"pair": a.pair, "torch_requested": a.torch, "triton_requested": a.triton,
            "install_ok": bool(a.install_ok), "import_ok": False, "extension": "not checked",
-           "tests": None, "errors": {}, "python": sys.version.split()[0]}
+           "tests": None, "errors": {}, "python": sys.version.split()[0], "commit": _commit()}
     if a.install_ok:
         probe = subprocess.run(
             [sys.executable, "-c", "import torch, triton, cluster, json; print(json.dumps("
@@ -154,6 +168,12 @@ def cmd_diff(old_p: str, new_p: str, drift: float) -> int:
         bad = True
     for tid in sorted(of - nf):
         lines.append(f"fixed: {tid}")
+    # A test that starts skipping is a feature the new pair lacks; its reason decides whether
+    # that matters (e.g. a CPU-build-only check skips on a CUDA build), so it is listed, not judged.
+    os_, ns = (old.get("tests") or {}).get("skipped_ids"), (new.get("tests") or {}).get("skipped_ids")
+    if os_ is not None and ns is not None:
+        for tid in sorted(set(ns) - set(os_)):
+            lines.append(f"newly skipped: {tid} ({ns[tid]})")
     oe, ne = old.get("errors", {}), new.get("errors", {})
     for key in sorted(set(oe) - set(ne)):
         lines.append(f"NEWLY MISSING: {key} (ran before, not now)")

@@ -50,3 +50,13 @@ def test_diff_flags_each_kind_of_regression(tmp_path, capsys, change, needle):
     assert compat.cmd_diff(_write(tmp_path, "o", old), _write(tmp_path, "n", new), 1e-6) == 1
     out = capsys.readouterr().out
     assert needle in out and "VERDICT: REGRESSION" in out
+
+
+def test_diff_lists_newly_skipped_tests_without_judging_them(tmp_path, capsys):
+    old = _report("old")
+    new = _report("new")
+    old["tests"]["skipped_ids"] = {"t::a": "no GPU"}
+    new["tests"]["skipped_ids"] = {"t::a": "no GPU", "t::b": "needs a CPU build"}
+    assert compat.cmd_diff(_write(tmp_path, "o", old), _write(tmp_path, "n", new), 1e-6) == 0
+    out = capsys.readouterr().out
+    assert "newly skipped: t::b (needs a CPU build)" in out and "t::a" not in out
