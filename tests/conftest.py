@@ -73,6 +73,13 @@ def require_backend(name: str, device: torch.device, dtype: torch.dtype) -> None
         pytest.skip(f"backend {name!r} unavailable for {dtype} on {device}: {why}")
 
 
+@pytest.fixture
+def cuda(device) -> torch.device:
+    """This worker's GPU with the CUDA extension loaded, else skip with the backend's reason."""
+    require_backend("cuda", device, torch.float32)
+    return device
+
+
 @pytest.fixture(params=ops.BACKENDS)
 def backend(request, device) -> str:
     """Each backend; the test skips (with the reason) where it cannot run."""

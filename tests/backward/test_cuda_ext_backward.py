@@ -20,7 +20,6 @@ from ..forward.test_cuda_ext import (
     VARIANTS,
     attention_args,
     compose,
-    gpu_reason,
     make_attention_case,
     make_wf_case,
     reference_attention,
@@ -31,15 +30,6 @@ PARAMS = ("q", "k", "v", "pe_table", "blank_k", "blank_v")
 # (rtol, atol) of one op's gradients against float64 autograd on the same inputs.
 GRAD_TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2),
             torch.float64: (1e-10, 1e-10)}
-
-
-@pytest.fixture
-def cuda(device):
-    """The CUDA device with the extension loaded, else skip with the backend's reason."""
-    why = gpu_reason()
-    if why is not None:
-        pytest.skip(f"cuda extension unavailable: {why}")
-    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _grads(out, leaves, grad_out):

@@ -184,15 +184,6 @@ def gpu_reason() -> str | None:
     return cuda_ext.unavailable_reason(torch.device("cuda"), torch.float32)
 
 
-@pytest.fixture
-def cuda(device):
-    """The CUDA device with the extension loaded, else skip with the backend's reason."""
-    why = gpu_reason()
-    if why is not None:
-        pytest.skip(f"cuda extension unavailable: {why}")
-    return torch.device("cuda", torch.cuda.current_device())
-
-
 # ================================================================ CPU: module and CLI
 
 
