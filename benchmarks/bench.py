@@ -533,6 +533,11 @@ def metadata(device: torch.device, bandwidth: float, opt) -> dict:
             "copy_bandwidth_gbps": bandwidth / 1e9, "args": {k: v for k, v in vars(opt).items()}}
 
 
+def device_slug(name: str) -> str:
+    """File-name form of a device name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
 def _cell(rec, key, fmt) -> str:
     if rec is None:
         return "–"
@@ -724,8 +729,7 @@ def main(argv=None) -> int:
     out_dir = Path(opt.out) if opt.out else (Path(tempfile.mkdtemp(prefix="cluster-bench-smoke-"))
                                                if opt.smoke else REPO / "benchmarks" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", meta["device"].lower()).strip("-")
-    stem = f"{slug}-{datetime.now().strftime('%Y-%m-%d')}" + (f"-{opt.tag}" if opt.tag else "")
+    stem = f"{device_slug(meta['device'])}-{datetime.now().strftime('%Y-%m-%d')}" + (f"-{opt.tag}" if opt.tag else "")
     stem += "-smoke" if opt.smoke else ""
     all_records: list[dict] = []
 

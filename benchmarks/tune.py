@@ -90,8 +90,7 @@ def main(argv=None) -> int:
                 cur = min(seen, key=seen.get)
             tk.TUNING[kind, width] = cur
             best[f"{kind}/{width}"] = {"cfg": cur, "ms": seen[cur], "start_ms": seen.get(start[kind, width])}
-    name = torch.cuda.get_device_name(dev).lower().replace(" ", "-")
-    stem = f"tune-{name}-{datetime.date.today().isoformat()}"
+    stem = f"tune-{bench.device_slug(torch.cuda.get_device_name(dev))}-{datetime.date.today().isoformat()}"
     out = Path(opt.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
