@@ -15,7 +15,6 @@ import argparse
 import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,9 +52,25 @@ def _commit() -> str:
     return (head + ("+changes" if dirty.strip() else "")) if head else "unknown"
 
 
-def _have_nvcc() -> bool:
-    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    return os.path.exists(os.path.join(home, "bin", "nvcc")) or bool(shutil.which("nvcc"))
+# Run by the pair's own interpreter: versions, the CUDA extension's status and nvcc, at once.
+_PROBE = """
+import json, torch, triton
+from cluster import cuda_ext, ops
+info = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "nvcc": cuda_ext.find_nvcc()}
+try:
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info["extension"] = ops.backend_unavailable_reason("cuda", dev, torch.float32) or "available"
+except Exception as exc:
+    info["extension"] = f"{type(exc).__name__}: {exc}"[-300:]
+print(json.dumps(info))
+"""
+
+
+def _case_key(c: dict) -> str:
+    """backend[/mode]|dtype|config of one cluster.validate case."""
+    mode = "" if c["mode"] == "-" else "/" + c["mode"]
+    return f"{c['backend']}{mode}|{c['dtype']}|{c['config']}"
 
 
 def cmd_run(a, pytest_args) -> int:
@@ -64,22 +79,14 @@ def cmd_run(a, pytest_args) -> int:
            "install_ok": bool(a.install_ok), "import_ok": False, "extension": "not checked",
            "tests": None, "errors": {}, "python": sys.version.split()[0], "commit": _commit()}
     if a.install_ok:
-        probe = subprocess.run(
-            [sys.executable, "-c", "import torch, triton, cluster, json; print(json.dumps("
-             "{'torch': torch.__version__, 'triton': triton.__version__, 'cuda': torch.version.cuda}))"],
-            capture_output=True, text=True)
+        probe = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True)
         rep["import_ok"] = probe.returncode == 0
         if rep["import_ok"]:
             rep.update(json.loads(probe.stdout.strip().splitlines()[-1]))
-            ext = subprocess.run(
-                [sys.executable, "-c", "import torch; from cluster import ops; "
-                 "print(ops.backend_unavailable_reason('cuda', torch.device('cuda' if "
-                 "torch.cuda.is_available() else 'cpu'), torch.float32) or 'available')"],
-                capture_output=True, text=True)
-            rep["extension"] = (ext.stdout.strip() or ext.stderr.strip()[-300:])
+            nvcc = rep.pop("nvcc")
             # A CUDA build of torch plus nvcc can compile csrc/ without a GPU; a CPU build refuses.
             if a.check_compile == "auto":
-                a.check_compile = bool(rep.get("cuda")) and _have_nvcc()
+                a.check_compile = bool(rep.get("cuda")) and nvcc is not None
             if a.check_compile:
                 cc = subprocess.run([sys.executable, "-m", "cluster.cuda_ext", "check-compile"],
                                     capture_output=True, text=True)
@@ -101,13 +108,11 @@ def cmd_run(a, pytest_args) -> int:
             if os.path.exists(vpath):
                 with open(vpath) as f:
                     v = json.load(f)
-                for c in v["cases"]:
-                    key = f"{c['backend']}{'/' + c['mode'] if c['mode'] != '-' else ''}|{c['dtype']}|{c['config']}"
-                    rep["errors"][key] = max(r["abs"] for r in c["results"].values())
+                rep["errors"] = {_case_key(c): max(r["abs"] for r in c["results"].values())
+                                 for c in v["cases"]}
                 rep["validate_verdict"] = v["verdict"]
-                rep["validate_failures"] = {
-                    f"{c['backend']}/{c['mode']}|{c['dtype']}|{c['config']}": c.get("error", "tolerance")
-                    for c in v["cases"] if not c["ok"]}
+                rep["validate_failures"] = {_case_key(c): c.get("error", "tolerance")
+                                            for c in v["cases"] if not c["ok"]}
                 rep["skipped_backends"] = v["skipped"]
     rep["seconds"] = round(time.time() - t0, 1)
     t = rep["tests"]
