@@ -512,19 +512,25 @@ def run_sweep(ctx) -> list[dict]:
 
 # ------------------------------------------------------------------------------ reports
 
-def metadata(device: torch.device, bandwidth: float, opt) -> dict:
-    try:
-        import triton
-        triton_v = triton.__version__
-    except Exception:
-        triton_v = "absent"
+def git_state() -> tuple[str, bool | None]:
+    """(commit, has uncommitted changes) of the checkout; ("unknown", None) without git."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or "unknown"
         dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
                                     text=True, timeout=10).stdout.strip())
     except Exception:
-        commit, dirty = "unknown", None
+        return "unknown", None
+    return commit, dirty
+
+
+def metadata(device: torch.device, bandwidth: float, opt) -> dict:
+    try:
+        import triton
+        triton_v = triton.__version__
+    except Exception:
+        triton_v = "absent"
+    commit, dirty = git_state()
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"cpu ({platform.processor() or platform.machine()})")
     return {"device": name, "torch": torch.__version__, "triton": triton_v,

@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="affmae_stage1", choices=list(bench.SHAPES))
     p.add_argument("--kinds", default="fwd,bwd_q,bwd_kv")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default="", help="appended to the result file names, so runs of one day do not overwrite")
     opt = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
@@ -91,11 +92,12 @@ def main(argv=None) -> int:
             tk.TUNING[kind, width] = cur
             best[f"{kind}/{width}"] = {"cfg": cur, "ms": seen[cur], "start_ms": seen.get(start[kind, width])}
     stem = f"tune-{bench.device_slug(torch.cuda.get_device_name(dev))}-{datetime.date.today().isoformat()}"
+    stem += f"-{opt.tag}" if opt.tag else ""
     out = Path(opt.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "shape": opt.shape,
-            "start": {f"{k}/{w}": v for (k, w), v in start.items()}}
+            "commit": bench.git_state()[0], "start": {f"{k}/{w}": v for (k, w), v in start.items()}}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "best": best, "runs": rows_out}, indent=1))
     md = [f"# Triton tile sweep — {meta['device']}, {opt.shape}", "",
           f"torch {meta['torch']} · triton {meta['triton']}. Entry = (rows, max slots, tile budget, num_warps).", "",

@@ -7,9 +7,13 @@ kernels use elementwise-product-and-reduce tiles ``[rows, slots, BLOCK_D]`` inst
 ``tl.dot``: the result is exact float32 (no tf32), the code is the same for float64, and
 the op is bound by the gathers' memory traffic, not by arithmetic.
 
-Determinism: the forward and the dq / dk / dv / blank gradients never use atomics, so
-they are bitwise reproducible in both modes. Only the position-bias table gradient
-uses float atomics, and only when ``deterministic`` is False.
+Determinism: the forward, dq and the blank gradients never use atomics, so they are
+bitwise reproducible in both modes. With ``deterministic`` False the backward takes two
+shortcuts whose summation order follows the GPU's scheduling: the position-bias table
+gradient is summed with float atomics, and the reverse neighbour map (which queries name
+each key, walked by the dk / dv kernel) is built by an atomic counting sort, so dk / dv
+add the same terms in a run-dependent order. ``deterministic=True`` uses a stable sort
+and fixed-order segment sums instead: bitwise reproducible, somewhat slower.
 
 The kernels read ``TRITON_INTERPRET`` when they are decorated, i.e. at import: set it
 before importing this module to run them on the CPU interpreter.
@@ -195,6 +199,19 @@ def _device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+# Fast-mode d_pe_table: every query names the same few relative offsets (its spatial
+# neighbourhood), so one [T, H] table would take all B*N*M*H atomics on a few hundred
+# addresses and serialize them (~0.7 ms at affmae_stage1 on the H100). Spreading them over
+# replicas, summed once at the end, cuts that contention; the cap bounds the extra memory.
+_DPE_REPLICA_BYTES = 16 << 20
+_DPE_MAX_REPLICAS = 128
+
+
+def _dpe_replicas(T: int, H: int, acc_dtype: torch.dtype) -> int:
+    per_copy = T * H * torch.empty((), dtype=acc_dtype).element_size()
+    return max(1, min(_DPE_MAX_REPLICAS, _DPE_REPLICA_BYTES // max(1, per_copy)))
+
+
 def _reverse_map(member_idx: torch.Tensor, mask: torch.Tensor | None, n_keys: int):
     """Per batch, which flat slots ``i * M + s`` name each key, as CSR (perm, ptr).
 
@@ -212,6 +229,65 @@ def _reverse_map(member_idx: torch.Tensor, mask: torch.Tensor | None, n_keys: in
     ptr = torch.searchsorted(sorted_key, bounds.expand(B, n_keys + 1).contiguous(),
                              out_int32=True)
     return perm.to(torch.int32).contiguous(), ptr.contiguous()
+
+
+@triton.jit
+def _key_count_kernel(IDX, MASK, COUNT, NM, NK, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """COUNT[b, key] += 1 for every valid slot (integer atomics: exact in any order)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.program_id(1).to(tl.int64)
+    ok = offs < NM
+    key = tl.load(IDX + b * NM + offs, mask=ok, other=0)
+    if HAS_MASK:
+        ok = ok & (tl.load(MASK + b * NM + offs, mask=ok, other=0) != 0)
+    # Unchecked indices (check_indices=False) must not turn into stray writes.
+    ok = ok & (key >= 0) & (key < NK)
+    tl.atomic_add(COUNT + b * NK + key, 1, mask=ok)
+
+
+@triton.jit
+def _key_fill_kernel(IDX, MASK, CURSOR, PERM, NM, NK, HAS_MASK: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """PERM[b, CURSOR[b, key]++] = slot: each slot takes the next free place of its key."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.program_id(1).to(tl.int64)
+    ok = offs < NM
+    key = tl.load(IDX + b * NM + offs, mask=ok, other=0)
+    if HAS_MASK:
+        ok = ok & (tl.load(MASK + b * NM + offs, mask=ok, other=0) != 0)
+    ok = ok & (key >= 0) & (key < NK)
+    pos = tl.atomic_add(CURSOR + b * NK + key, 1, mask=ok)
+    tl.store(PERM + b * NM + pos, offs, mask=ok)
+
+
+_KEY_BLOCK = 1024
+
+
+def _reverse_map_counting(member_idx: torch.Tensor, mask_u8: torch.Tensor | None,
+                          n_keys: int):
+    """The CSR of :func:`_reverse_map` by a counting sort: same lists, but the order of
+    the slots within a key's list follows the atomics, i.e. varies from run to run.
+
+    Three passes over B*N*M int32 keys and no int64 or sort buffers: several times
+    faster than the sort, and the only new memory is perm itself. Masked slots are left
+    out of every list (perm's tail past ptr[b, n_keys] is unused).
+    """
+    B, N, M = member_idx.shape
+    NM = N * M
+    dev = member_idx.device
+    count = torch.zeros((B, n_keys), dtype=torch.int32, device=dev)
+    perm = torch.empty((B, NM), dtype=torch.int32, device=dev)
+    has_mask = mask_u8 is not None
+    grid = (triton.cdiv(NM, _KEY_BLOCK), B)
+    with _device_guard(member_idx):
+        _key_count_kernel[grid](member_idx, mask_u8 if has_mask else member_idx, count,
+                                NM, n_keys, HAS_MASK=has_mask, BLOCK=_KEY_BLOCK)
+        ptr = torch.zeros((B, n_keys + 1), dtype=torch.int32, device=dev)
+        torch.cumsum(count, dim=1, dtype=torch.int32, out=ptr[:, 1:])
+        count.copy_(ptr[:, :-1])
+        _key_fill_kernel[grid](member_idx, mask_u8 if has_mask else member_idx, count, perm,
+                               NM, n_keys, HAS_MASK=has_mask, BLOCK=_KEY_BLOCK)
+    return perm, ptr
 
 
 @triton.jit
@@ -359,15 +435,16 @@ def _attn_bwd_q_kernel(
     DPE, DSBUF, DBK_PART, DBV_PART,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
     spet, speh, sbkh, sbvh,
-    H, N, M, D, scale_hi, scale_lo, HPG, NHG,
+    H, N, M, D, T, R, scale_hi, scale_lo, HPG, NHG,
     HAS_PE: tl.constexpr, DPE_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_BLANK: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):
     """Query side: Delta, dq, the blank's partial sums and the bias-table gradient.
 
-    DPE_MODE 0: no table gradient; 1: float atomics into DPE [T, H]; 2: ds written to
-    DSBUF [B, N, M, H] for a deterministic segment sum afterwards.
+    DPE_MODE 0: no table gradient; 1: float atomics into DPE [R, T, H], replica
+    ``lin % R``; 2: ds written to DSBUF [B, N, M, H] for a deterministic segment sum
+    afterwards.
     """
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -376,6 +453,8 @@ def _attn_bwd_q_kernel(
     h_hi = tl.minimum(h_lo + HPG, H)
     # Head groups of one row block write disjoint heads of the same partial row.
     lin = b * tl.num_programs(0) + pid
+    # Neighbouring programs (which run at the same time) add into different replicas.
+    rep = lin % R
     offs_q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_ok = offs_q < N
     offs_d = tl.arange(0, BLOCK_D)
@@ -443,7 +522,7 @@ def _attn_bwd_q_kernel(
             ds = p * (dp - delta[:, None])
             dq += tl.sum(ds[:, :, None] * kt, 1)
             if DPE_MODE == 1:
-                tl.atomic_add(DPE + pe * H + h, ds, mask=ok)
+                tl.atomic_add(DPE + (rep * T + pe) * H + h, ds, mask=ok)
             if DPE_MODE == 2:
                 tl.store(DSBUF + off * H + h, ds, mask=ok)
         dq = dq * scale_hi + dq * scale_lo
@@ -523,14 +602,21 @@ def _attn_bwd_kv_kernel(
 
 
 @triton.jit
-def _segment_sum_kernel(SRC, PERM, PTR, OUT, C,
+def _segment_sum_kernel(SRC, PERM, PTR, OUT, C, R,
                         BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr):
-    """OUT[r, :C] = sum over e in [PTR[r], PTR[r+1]) of SRC[PERM[e], :C], in a fixed order."""
+    """OUT[j, r, :C] = sum of SRC[PERM[e], :C] over piece j of row r's entries
+    [PTR[r], PTR[r+1]), split into num_programs(1) equal pieces: fixed order and fixed
+    split, so the result does not depend on scheduling."""
     r = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1)
+    n_pieces = tl.num_programs(1)
     offs_c = tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
-    start = tl.load(PTR + r)
-    end = tl.load(PTR + r + 1)
+    row_start = tl.load(PTR + r)
+    row_end = tl.load(PTR + r + 1)
+    piece = tl.cdiv(row_end - row_start, n_pieces)
+    start = row_start + j * piece
+    end = tl.minimum(start + piece, row_end)
     acc = tl.zeros([BLOCK_E, BLOCK_C], ACC)
     for e0 in range(start, end, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
@@ -538,7 +624,13 @@ def _segment_sum_kernel(SRC, PERM, PTR, OUT, C,
         row = tl.load(PERM + offs_e, mask=ok, other=0).to(tl.int64)
         acc += tl.load(SRC + row[:, None] * C + offs_c[None, :],
                        mask=ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
-    tl.store(OUT + r * C + offs_c, tl.sum(acc, 0), mask=c_ok)
+    tl.store(OUT + (j * R + r) * C + offs_c, tl.sum(acc, 0), mask=c_ok)
+
+
+# Deterministic d_pe_table: a few table rows (the central offsets) collect most of the
+# B*N*M entries, so one program per row would leave the GPU waiting on those few; each row
+# is cut into this many pieces, summed afterwards in a fixed order.
+_SEGMENT_PIECES = 32
 
 
 def _pe_grad_deterministic(ds_buf, pe_idx, mask, T, H, acc_dtype):
@@ -549,13 +641,14 @@ def _pe_grad_deterministic(ds_buf, pe_idx, mask, T, H, acc_dtype):
     sorted_key, perm = torch.sort(key, stable=True)
     bounds = torch.arange(T + 1, device=key.device, dtype=torch.int32)
     ptr = torch.searchsorted(sorted_key, bounds, out_int32=True)
-    out = torch.empty((T, H), dtype=acc_dtype, device=ds_buf.device)
+    pieces = 2 if _INTERPRET else _SEGMENT_PIECES
+    out = torch.empty((pieces, T, H), dtype=acc_dtype, device=ds_buf.device)
     with _device_guard(ds_buf):
-        _segment_sum_kernel[(T,)](
-            ds_buf, perm, ptr, out, H, BLOCK_E=64, BLOCK_C=_np2(H),
+        _segment_sum_kernel[(T, pieces)](
+            ds_buf, perm, ptr, out, H, T, BLOCK_E=64, BLOCK_C=_np2(H),
             ACC=_tl_acc(acc_dtype), num_warps=_NUM_WARPS,
         )
-    return out
+    return out.sum(0)
 
 
 def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, blank_k,
@@ -583,6 +676,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=dev)
     delta = torch.empty((B, H, N), dtype=acc, device=dev)
     dpe_mode = 0
+    n_rep = 1
     dpe = dsbuf = None
     if has_pe and compute_pe:
         if deterministic:
@@ -590,7 +684,8 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             dsbuf = torch.empty((B * N * M, H), dtype=acc, device=dev)
         else:
             dpe_mode = 1
-            dpe = torch.zeros((pe_table.shape[0], H), dtype=acc, device=dev)
+            n_rep = _dpe_replicas(pe_table.shape[0], H, acc)
+            dpe = torch.zeros((n_rep, pe_table.shape[0], H), dtype=acc, device=dev)
     if has_blank:
         dbk_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
         dbv_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
@@ -606,7 +701,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             dout.stride(0), dout.stride(1), dout.stride(2),
             pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
             bk.stride(0) if has_blank else 0, bv.stride(0) if has_blank else 0,
-            H, N, M, D, hi, lo, hpg, nhg,
+            H, N, M, D, pe_table.shape[0] if has_pe else 0, n_rep, hi, lo, hpg, nhg,
             HAS_PE=has_pe, DPE_MODE=dpe_mode, HAS_MASK=has_mask, HAS_BLANK=has_blank,
             ONE_CHUNK=BM >= M, BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, ACC=_tl_acc(q.dtype),
             num_warps=warps,
@@ -615,7 +710,10 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         if compute_kv:
             dk = torch.empty((B, H, N, D), dtype=k.dtype, device=dev)
             dv = torch.empty((B, H, N, D), dtype=v.dtype, device=dev)
-            perm, ptr = _reverse_map(idx, mask_b, N)
+            if deterministic:
+                perm, ptr = _reverse_map(idx, mask_b, N)
+            else:
+                perm, ptr = _reverse_map_counting(idx, mask_u8 if has_mask else None, N)
             BK_, BE, _, kv_warps = _attn_blocks(D, M, q.dtype, "bwd_kv")
             kv_hpg, kv_nhg = _head_groups(triton.cdiv(N, BK_), B, H, dev)
             _attn_bwd_kv_kernel[(triton.cdiv(N, BK_), B * kv_nhg)](
@@ -632,6 +730,8 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             dk = q.new_empty(0, dtype=k.dtype)
             dv = q.new_empty(0, dtype=v.dtype)
 
+        if dpe_mode == 1:
+            dpe = dpe.sum(0)
         if dpe_mode == 2:
             dpe = _pe_grad_deterministic(dsbuf, pe_idx, mask_b, pe_table.shape[0], H, acc)
     dpe = dpe.to(pe_table.dtype) if dpe is not None else q.new_empty(0)
