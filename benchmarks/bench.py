@@ -513,7 +513,13 @@ def run_sweep(ctx) -> list[dict]:
 # ------------------------------------------------------------------------------ reports
 
 def git_state() -> tuple[str, bool | None]:
-    """(commit, has uncommitted changes) of the checkout; ("unknown", None) without git."""
+    """(commit, has uncommitted changes) of the checkout; ("unknown", None) without git.
+
+    CLUSTER_GIT_COMMIT overrides both, for hosts that get a copy of the tree whose .git
+    is not current (the commit is then taken as given and clean).
+    """
+    if os.environ.get("CLUSTER_GIT_COMMIT"):
+        return os.environ["CLUSTER_GIT_COMMIT"], False
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or "unknown"

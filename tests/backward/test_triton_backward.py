@@ -309,3 +309,39 @@ def test_weighted_features_gradcheck():
     idx = torch.randint(0, 5, (1, 6, 4), generator=g).to(_DEV)
     assert torch.autograd.gradcheck(
         lambda a, b: ops.weighted_features(a, b, idx, backend="triton"), (w, f), fast_mode=True)
+
+
+def _stable_sort_map(idx, valid, n_keys):
+    """The reverse map's oracle: a stable sort of each batch's slot keys."""
+    B, N, M = idx.shape
+    key = idx.reshape(B, N * M).long()
+    ok = (key >= 0) & (key < n_keys)
+    if valid is not None:
+        ok &= valid.reshape(B, N * M)
+    key = torch.where(ok, key, torch.full_like(key, n_keys))
+    sorted_key, perm = torch.sort(key, dim=1, stable=True)
+    bounds = torch.arange(n_keys + 1, device=key.device).expand(B, -1).contiguous()
+    return perm, torch.searchsorted(sorted_key, bounds)
+
+
+@pytest.mark.parametrize("N,M,n_keys", [(5, 3, 5), (37, 24, 37), (90, 33, 50), (300, 9, 700)],
+                         ids=["tiny", "ragged", "fewer-keys", "more-keys-than-a-chunk"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+def test_reverse_map_is_a_stable_sort(N, M, n_keys, masked):
+    # Duplicates within rows, a key named by many slots (longer than one fill block),
+    # and indices outside [0, n_keys) that must land in no list.
+    g = torch.Generator().manual_seed(N * 1000 + M)
+    idx = torch.randint(-2, n_keys + 2, (2, N, M), generator=g)
+    idx[:, : N // 2, 0] = 1
+    idx[0, 1, :] = 3 % n_keys
+    valid = (torch.rand(2, N, M, generator=g) > 0.3) if masked else None
+    perm, ptr = tk._reverse_map(idx.to(torch.int32).to(_DEV),
+                                None if valid is None else valid.to(_DEV).view(torch.uint8),
+                                n_keys)
+    want_perm, want_ptr = _stable_sort_map(idx.to(_DEV), None if valid is None else valid.to(_DEV),
+                                           n_keys)
+    assert perm.dtype == ptr.dtype == torch.int32
+    assert torch.equal(ptr.long(), want_ptr)
+    for b in range(2):
+        used = int(want_ptr[b, -1])
+        assert torch.equal(perm[b, :used].long(), want_perm[b, :used]), f"batch {b}"
