@@ -7,10 +7,13 @@ kernels use elementwise-product-and-reduce tiles ``[rows, slots, BLOCK_D]`` inst
 ``tl.dot``: the result is exact float32 (no tf32), the code is the same for float64, and
 the op is bound by the gathers' memory traffic, not by arithmetic.
 
-Determinism: the forward and the dq / dk / dv / blank gradients never use float atomics
-(the reverse neighbour map behind dk / dv is a counting sort with integer atomics and a
-fixed placement), so they are bitwise reproducible in both modes. Only the position-bias
-table gradient uses float atomics, and only when ``deterministic`` is False.
+Determinism: the forward, dq and the blank gradients never use atomics, so they are
+bitwise reproducible in both modes. With ``deterministic`` False the backward takes two
+shortcuts whose summation order follows the GPU's scheduling: the position-bias table
+gradient is summed with float atomics, and the reverse neighbour map (which queries name
+each key, walked by the dk / dv kernel) is built by an atomic counting sort, so dk / dv
+add the same terms in a run-dependent order. ``deterministic=True`` uses a stable sort
+and fixed-order segment sums instead: bitwise reproducible, somewhat slower.
 
 The kernels read ``TRITON_INTERPRET`` when they are decorated, i.e. at import: set it
 before importing this module to run them on the CPU interpreter.
@@ -209,11 +212,28 @@ def _dpe_replicas(T: int, H: int, acc_dtype: torch.dtype) -> int:
     return max(1, min(_DPE_MAX_REPLICAS, _DPE_REPLICA_BYTES // max(1, per_copy)))
 
 
+def _reverse_map(member_idx: torch.Tensor, mask: torch.Tensor | None, n_keys: int):
+    """Per batch, which flat slots ``i * M + s`` name each key, as CSR (perm, ptr).
+
+    perm [B, N*M] int32: slot positions sorted by key (stable, so in slot order per key);
+    ptr [B, n_keys + 1] int32: key n's entries are perm[b, ptr[b, n]:ptr[b, n + 1]].
+    Masked slots get the key ``n_keys`` and so sort past every list. Sorting and
+    searchsorted are deterministic, so the backward's summation order is fixed.
+    """
+    B, N, M = member_idx.shape
+    key = member_idx.reshape(B, N * M).to(torch.int32)
+    if mask is not None:
+        key = torch.where(mask.reshape(B, N * M), key, torch.full_like(key, n_keys))
+    sorted_key, perm = torch.sort(key, dim=1, stable=True)
+    bounds = torch.arange(n_keys + 1, device=key.device, dtype=torch.int32)
+    ptr = torch.searchsorted(sorted_key, bounds.expand(B, n_keys + 1).contiguous(),
+                             out_int32=True)
+    return perm.to(torch.int32).contiguous(), ptr.contiguous()
+
+
 @triton.jit
-def _key_count_kernel(IDX, MASK, COUNT, NM, NK, NCH, CH,
-                      HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """COUNT[b, 1 + key * NCH + slot // CH] += 1 for every valid slot (integer atomics:
-    exact in any order)."""
+def _key_count_kernel(IDX, MASK, COUNT, NM, NK, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """COUNT[b, key] += 1 for every valid slot (integer atomics: exact in any order)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     b = tl.program_id(1).to(tl.int64)
     ok = offs < NM
@@ -222,86 +242,51 @@ def _key_count_kernel(IDX, MASK, COUNT, NM, NK, NCH, CH,
         ok = ok & (tl.load(MASK + b * NM + offs, mask=ok, other=0) != 0)
     # Unchecked indices (check_indices=False) must not turn into stray writes.
     ok = ok & (key >= 0) & (key < NK)
-    tl.atomic_add(COUNT + b * (NK * NCH + 1) + 1 + key * NCH + offs // CH, 1, mask=ok)
+    tl.atomic_add(COUNT + b * NK + key, 1, mask=ok)
 
 
 @triton.jit
-def _key_fill_kernel(IDX, MASK, CURSOR, PERM, NM, NK, NCH, CH,
-                     HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per chunk of CH slots: writes each valid slot at its key's cursor for
-    this chunk, in slot order, so that every key's list comes out in slot order."""
-    chunk = tl.program_id(0)
+def _key_fill_kernel(IDX, MASK, CURSOR, PERM, NM, NK, HAS_MASK: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """PERM[b, CURSOR[b, key]++] = slot: each slot takes the next free place of its key."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     b = tl.program_id(1).to(tl.int64)
-    IDX += b * NM
-    MASK += b * NM
-    PERM += b * NM
-    CURSOR += b * (NK * NCH + 1)
-    lane = tl.arange(0, BLOCK)
-    earlier = lane[None, :] < lane[:, None]
-    for s0 in range(chunk * CH, tl.minimum(chunk * CH + CH, NM), BLOCK):
-        offs = s0 + lane
-        ok = offs < NM
-        key = tl.load(IDX + offs, mask=ok, other=0)
-        if HAS_MASK:
-            ok = ok & (tl.load(MASK + offs, mask=ok, other=0) != 0)
-        ok = ok & (key >= 0) & (key < NK)
-        key = tl.where(ok, key, -1)
-        # Slots of one key within the block: rank among them, and how many there are.
-        same = key[:, None] == key[None, :]
-        rank = tl.sum((same & earlier).to(tl.int32), 1)
-        n_same = tl.sum(same.to(tl.int32), 1)
-        cursor = CURSOR + key * NCH + chunk
-        pos = tl.load(cursor, mask=ok, other=0)
-        tl.store(PERM + pos + rank, offs, mask=ok)
-        # Every lane has read its cursor before the key's last slot moves it on, and the
-        # moves are visible to the next block's reads.
-        tl.debug_barrier()
-        tl.store(cursor, pos + n_same, mask=ok & (rank == n_same - 1))
-        tl.debug_barrier()
+    ok = offs < NM
+    key = tl.load(IDX + b * NM + offs, mask=ok, other=0)
+    if HAS_MASK:
+        ok = ok & (tl.load(MASK + b * NM + offs, mask=ok, other=0) != 0)
+    ok = ok & (key >= 0) & (key < NK)
+    pos = tl.atomic_add(CURSOR + b * NK + key, 1, mask=ok)
+    tl.store(PERM + b * NM + pos, offs, mask=ok)
 
 
-_KEY_BLOCK = 1024  # slots per program of the counting pass
-_FILL_BLOCK = 128  # slots ranked at once by the fill pass (a [128, 128] comparison)
-# Slots per fill program at least, and at least n_keys, so that the [n_keys, chunks]
-# cursor table is never larger than perm itself. The interpreter takes small chunks so
-# that CPU tests cross chunk boundaries.
-_MIN_CHUNK = 256 if _INTERPRET else 2048
+_KEY_BLOCK = 1024
 
 
-def _reverse_map(member_idx: torch.Tensor, mask_u8: torch.Tensor | None, n_keys: int):
-    """Per batch, which flat slots ``i * M + s`` name each key, as CSR (perm, ptr).
+def _reverse_map_counting(member_idx: torch.Tensor, mask_u8: torch.Tensor | None,
+                          n_keys: int):
+    """The CSR of :func:`_reverse_map` by a counting sort: same lists, but the order of
+    the slots within a key's list follows the atomics, i.e. varies from run to run.
 
-    perm [B, N*M] int32: the valid slots grouped by key, each key's in slot order (the
-    order a stable sort gives); ptr [B, n_keys + 1] int32: key n's entries are
-    perm[b, ptr[b, n]:ptr[b, n + 1]]. Masked slots (and, without the range check, keys
-    outside [0, n_keys)) are in no list; perm past ptr[b, n_keys] is unused.
-
-    A counting sort over chunks of slots: count per (key, chunk), one prefix sum over
-    (key, chunk) in that order, then each chunk writes its slots in order. Integer
-    counts and a fixed placement make it deterministic; unlike a radix sort it needs no
-    int64 permutation or sort buffers, only one int32 table of cursors.
+    Three passes over B*N*M int32 keys and no int64 or sort buffers: several times
+    faster than the sort, and the only new memory is perm itself. Masked slots are left
+    out of every list (perm's tail past ptr[b, n_keys] is unused).
     """
     B, N, M = member_idx.shape
     NM = N * M
     dev = member_idx.device
-    chunk = _FILL_BLOCK * triton.cdiv(max(_MIN_CHUNK, n_keys), _FILL_BLOCK)
-    n_chunks = triton.cdiv(NM, chunk)
-    # Counts of (key, chunk) at flat index 1 + key * n_chunks + chunk, so that an
-    # inclusive prefix sum in place leaves at flat index f the number of slots before
-    # entry f, i.e. where its first slot goes, and at the end the number of valid slots.
-    cursor = torch.zeros((B, n_keys * n_chunks + 1), dtype=torch.int32, device=dev)
+    count = torch.zeros((B, n_keys), dtype=torch.int32, device=dev)
     perm = torch.empty((B, NM), dtype=torch.int32, device=dev)
     has_mask = mask_u8 is not None
-    masks = mask_u8 if has_mask else member_idx
+    grid = (triton.cdiv(NM, _KEY_BLOCK), B)
     with _device_guard(member_idx):
-        _key_count_kernel[(triton.cdiv(NM, _KEY_BLOCK), B)](
-            member_idx, masks, cursor, NM, n_keys, n_chunks, chunk,
-            HAS_MASK=has_mask, BLOCK=_KEY_BLOCK)
-        cursor.cumsum_(1)
-        ptr = cursor[:, ::n_chunks].clone()  # a copy even when n_chunks == 1: fill moves cursors
-        _key_fill_kernel[(n_chunks, B)](
-            member_idx, masks, cursor, perm, NM, n_keys, n_chunks, chunk,
-            HAS_MASK=has_mask, BLOCK=_FILL_BLOCK, num_warps=4)
+        _key_count_kernel[grid](member_idx, mask_u8 if has_mask else member_idx, count,
+                                NM, n_keys, HAS_MASK=has_mask, BLOCK=_KEY_BLOCK)
+        ptr = torch.zeros((B, n_keys + 1), dtype=torch.int32, device=dev)
+        torch.cumsum(count, dim=1, dtype=torch.int32, out=ptr[:, 1:])
+        count.copy_(ptr[:, :-1])
+        _key_fill_kernel[grid](member_idx, mask_u8 if has_mask else member_idx, count, perm,
+                               NM, n_keys, HAS_MASK=has_mask, BLOCK=_KEY_BLOCK)
     return perm, ptr
 
 
@@ -725,7 +710,10 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         if compute_kv:
             dk = torch.empty((B, H, N, D), dtype=k.dtype, device=dev)
             dv = torch.empty((B, H, N, D), dtype=v.dtype, device=dev)
-            perm, ptr = _reverse_map(idx, mask_u8 if has_mask else None, N)
+            if deterministic:
+                perm, ptr = _reverse_map(idx, mask_b, N)
+            else:
+                perm, ptr = _reverse_map_counting(idx, mask_u8 if has_mask else None, N)
             BK_, BE, _, kv_warps = _attn_blocks(D, M, q.dtype, "bwd_kv")
             kv_hpg, kv_nhg = _head_groups(triton.cdiv(N, BK_), B, H, dev)
             _attn_bwd_kv_kernel[(triton.cdiv(N, BK_), B * kv_nhg)](

@@ -324,24 +324,48 @@ def _stable_sort_map(idx, valid, n_keys):
     return perm, torch.searchsorted(sorted_key, bounds)
 
 
-@pytest.mark.parametrize("N,M,n_keys", [(5, 3, 5), (37, 24, 37), (90, 33, 50), (300, 9, 700)],
-                         ids=["tiny", "ragged", "fewer-keys", "more-keys-than-a-chunk"])
-@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
-def test_reverse_map_is_a_stable_sort(N, M, n_keys, masked):
-    # Duplicates within rows, a key named by many slots (longer than one fill block),
-    # and indices outside [0, n_keys) that must land in no list.
+def _map_case(N, M, n_keys, masked):
+    # Duplicates within rows, a key named by many slots (more than one block of the
+    # counting kernels), and indices outside [0, n_keys) that must land in no list.
     g = torch.Generator().manual_seed(N * 1000 + M)
     idx = torch.randint(-2, n_keys + 2, (2, N, M), generator=g)
     idx[:, : N // 2, 0] = 1
     idx[0, 1, :] = 3 % n_keys
     valid = (torch.rand(2, N, M, generator=g) > 0.3) if masked else None
-    perm, ptr = tk._reverse_map(idx.to(torch.int32).to(_DEV),
-                                None if valid is None else valid.to(_DEV).view(torch.uint8),
-                                n_keys)
-    want_perm, want_ptr = _stable_sort_map(idx.to(_DEV), None if valid is None else valid.to(_DEV),
-                                           n_keys)
+    want = _stable_sort_map(idx.to(_DEV), None if valid is None else valid.to(_DEV), n_keys)
+    return idx.to(torch.int32).to(_DEV), None if valid is None else valid.to(_DEV), want
+
+
+MAP_CASES = pytest.mark.parametrize(
+    "N,M,n_keys", [(5, 3, 5), (37, 24, 37), (90, 33, 50), (300, 9, 700)],
+    ids=["tiny", "ragged", "fewer-keys", "more-keys"])
+
+
+@MAP_CASES
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+def test_sorted_reverse_map_is_a_stable_sort(N, M, n_keys, masked):
+    idx, valid, (want_perm, want_ptr) = _map_case(N, M, n_keys, masked)
+    idx = idx.clamp(0, n_keys - 1)  # the sort version relies on the range check
+    want_perm, want_ptr = _stable_sort_map(idx, valid, n_keys)
+    perm, ptr = tk._reverse_map(idx, valid, n_keys)
     assert perm.dtype == ptr.dtype == torch.int32
     assert torch.equal(ptr.long(), want_ptr)
     for b in range(2):
         used = int(want_ptr[b, -1])
         assert torch.equal(perm[b, :used].long(), want_perm[b, :used]), f"batch {b}"
+
+
+@MAP_CASES
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+def test_counting_reverse_map_has_the_sorts_lists(N, M, n_keys, masked):
+    # The fast mode's map: the same list per key, in an order the atomics choose.
+    idx, valid, (want_perm, want_ptr) = _map_case(N, M, n_keys, masked)
+    perm, ptr = tk._reverse_map_counting(idx, None if valid is None else valid.view(torch.uint8),
+                                         n_keys)
+    assert perm.dtype == ptr.dtype == torch.int32
+    assert torch.equal(ptr.long(), want_ptr)
+    for b in range(2):
+        for n in range(n_keys):
+            lo, hi = int(ptr[b, n]), int(ptr[b, n + 1])
+            got = torch.sort(perm[b, lo:hi].long()).values
+            assert torch.equal(got, want_perm[b, lo:hi]), f"batch {b} key {n}"
