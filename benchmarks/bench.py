@@ -330,6 +330,7 @@ def measure(ctx, name: str, attn, x: Inputs, mode: str, rec: dict, keep: bool):
             step()
             sync(device)
             ms, reps = time_gpu(step, grads, (time.perf_counter() - t0) * 1e3, opt)
+            rec["sm_clock_mhz"] = sm_clock_mhz(device)
             rec["peak_mib"] = peak_mib(step, grads, device)
         else:
             ms, reps = time_cpu(step, grads, opt.smoke_reps, device)
@@ -346,6 +347,20 @@ def measure(ctx, name: str, attn, x: Inputs, mode: str, rec: dict, keep: bool):
         set_grads_none(grads)
         free_memory(device)
     return result
+
+
+def sm_clock_mhz(device: torch.device) -> int | None:
+    """The GPU's current SM clock through NVML, None where NVML is absent: a case timed
+    after a throttling stretch (power, heat) shows a lower clock beside its time."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        return int(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM))
+    except Exception:
+        return None
 
 
 def peak_mib(step, grads, device) -> float:
@@ -368,8 +383,9 @@ def progress(rec: dict) -> None:
     err = rec.get("max_abs_err_vs_fp64")
     err = f"  err {err:.1e}" if isinstance(err, float) else ""
     check = f"  check {rec['smoke_check']}" if "smoke_check" in rec else ""
+    clock = f", SM {rec['sm_clock_mhz']} MHz" if rec.get("sm_clock_mhz") else ""
     log(f"{head} {rec['time_ms']:9.3f} ms  {rec['gbps']:7.1f} GB/s  x{rec['x_floor']:5.2f} floor"
-        f"  ({rec['reps']} reps, first call {rec['first_call_s']:.2f} s){peak}{err}{check}")
+        f"  ({rec['reps']} reps, first call {rec['first_call_s']:.2f} s{clock}){peak}{err}{check}")
 
 
 # ------------------------------------------------------------------------------ float64 reference

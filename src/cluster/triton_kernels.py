@@ -212,6 +212,12 @@ def _dpe_replicas(T: int, H: int, acc_dtype: torch.dtype) -> int:
     return max(1, min(_DPE_MAX_REPLICAS, _DPE_REPLICA_BYTES // max(1, per_copy)))
 
 
+def _sort_key_dtype(n_keys: int) -> torch.dtype:
+    # A radix sort makes one pass per key byte: 16-bit keys (sentinel n_keys included)
+    # halve the passes of the deterministic backward's sorts.
+    return torch.int16 if n_keys < torch.iinfo(torch.int16).max else torch.int32
+
+
 def _reverse_map(member_idx: torch.Tensor, mask: torch.Tensor | None, n_keys: int):
     """Per batch, which flat slots ``i * M + s`` name each key, as CSR (perm, ptr).
 
@@ -221,11 +227,11 @@ def _reverse_map(member_idx: torch.Tensor, mask: torch.Tensor | None, n_keys: in
     searchsorted are deterministic, so the backward's summation order is fixed.
     """
     B, N, M = member_idx.shape
-    key = member_idx.reshape(B, N * M).to(torch.int32)
+    key = member_idx.reshape(B, N * M).to(_sort_key_dtype(n_keys))
     if mask is not None:
         key = torch.where(mask.reshape(B, N * M), key, torch.full_like(key, n_keys))
     sorted_key, perm = torch.sort(key, dim=1, stable=True)
-    bounds = torch.arange(n_keys + 1, device=key.device, dtype=torch.int32)
+    bounds = torch.arange(n_keys + 1, device=key.device, dtype=key.dtype)
     ptr = torch.searchsorted(sorted_key, bounds.expand(B, n_keys + 1).contiguous(),
                              out_int32=True)
     return perm.to(torch.int32).contiguous(), ptr.contiguous()
@@ -635,11 +641,11 @@ _SEGMENT_PIECES = 32
 
 def _pe_grad_deterministic(ds_buf, pe_idx, mask, T, H, acc_dtype):
     """Sum ds [B*N*M, H] per table row through a CSR of pe_idx (no atomics)."""
-    key = pe_idx.reshape(-1).to(torch.int32)
+    key = pe_idx.reshape(-1).to(_sort_key_dtype(T))
     if mask is not None:
         key = torch.where(mask.reshape(-1), key, torch.full_like(key, T))
     sorted_key, perm = torch.sort(key, stable=True)
-    bounds = torch.arange(T + 1, device=key.device, dtype=torch.int32)
+    bounds = torch.arange(T + 1, device=key.device, dtype=key.dtype)
     ptr = torch.searchsorted(sorted_key, bounds, out_int32=True)
     pieces = 2 if _INTERPRET else _SEGMENT_PIECES
     out = torch.empty((pieces, T, H), dtype=acc_dtype, device=ds_buf.device)

@@ -337,8 +337,8 @@ def _map_case(N, M, n_keys, masked):
 
 
 MAP_CASES = pytest.mark.parametrize(
-    "N,M,n_keys", [(5, 3, 5), (37, 24, 37), (90, 33, 50), (300, 9, 700)],
-    ids=["tiny", "ragged", "fewer-keys", "more-keys"])
+    "N,M,n_keys", [(5, 3, 5), (37, 24, 37), (90, 33, 50), (300, 9, 700), (6, 5, 40000)],
+    ids=["tiny", "ragged", "fewer-keys", "more-keys", "int32-sort-keys"])
 
 
 @MAP_CASES
@@ -365,7 +365,9 @@ def test_counting_reverse_map_has_the_sorts_lists(N, M, n_keys, masked):
     assert perm.dtype == ptr.dtype == torch.int32
     assert torch.equal(ptr.long(), want_ptr)
     for b in range(2):
-        for n in range(n_keys):
-            lo, hi = int(ptr[b, n]), int(ptr[b, n + 1])
-            got = torch.sort(perm[b, lo:hi].long()).values
-            assert torch.equal(got, want_perm[b, lo:hi]), f"batch {b} key {n}"
+        used = int(want_ptr[b, -1])
+        # Each key's list sorted by slot must be the stable sort's list.
+        key_of = torch.repeat_interleave(torch.arange(n_keys, device=_DEV), ptr[b].diff().long())
+        got = perm[b, :used].long()
+        got = got[torch.argsort(key_of * (N * M + 1) + got)]
+        assert torch.equal(got, want_perm[b, :used]), f"batch {b}"
