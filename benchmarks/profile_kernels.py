@@ -5,14 +5,15 @@ AFF-built inputs under torch.profiler and prints, per dtype and mode, every GPU 
 its time per step and launch count, largest first, and their total. Complements bench.py,
 which times whole steps: this says which kernel to work on.
 
-    python benchmarks/profile_kernels.py [--shape affmae_stage1] [--dtypes bf16,fp32]
-                                         [--steps 10] [--top 12] [--log FILE]
+    python benchmarks/profile_kernels.py [--shapes affmae_stage1,config_3_large]
+                                         [--dtypes bf16,fp32] [--steps 10] [--top 12] [--log FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,6 +37,11 @@ def profile_case(x, det: bool, steps: int) -> list[tuple[str, float, int]]:
     for _ in range(3):  # compile and warm the caches outside the profile
         run()
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        run()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             run()
@@ -47,12 +53,12 @@ def profile_case(x, det: bool, steps: int) -> list[tuple[str, float, int]]:
             us = ev.cuda_time_total
         if us > 0:
             rows.append((ev.key, us / 1e3 / steps, round(ev.count / steps)))
-    return sorted(rows, key=lambda r: -r[1])
+    return sorted(rows, key=lambda r: -r[1]), wall_ms
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="affmae_stage1", choices=list(bench.SHAPES))
+    p.add_argument("--shapes", default="affmae_stage1", help=f"comma-separated, of {', '.join(bench.SHAPES)}")
     p.add_argument("--dtypes", default="bfloat16,float32")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=12, help="kernels listed per case")
@@ -61,22 +67,27 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     dev = torch.device("cuda")
-    base = bench.build_inputs(bench.SHAPES[opt.shape], dev)
-    lines = [f"# {opt.shape} {bench.SHAPES[opt.shape]} on {torch.cuda.get_device_name(dev)}, "
-             f"torch {torch.__version__}, triton {__import__('triton').__version__}, "
-             f"commit {bench.git_state()[0][:12]}"]
-    for name in opt.dtypes.split(","):
+    lines = [f"# {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
+             f"triton {__import__('triton').__version__}, commit {bench.git_state()[0][:12]}"]
+    cases = [(shape, name, det) for shape in opt.shapes.split(",")
+             for name in opt.dtypes.split(",") for det in (False, True)]
+    base = {}
+    for shape, name, det in cases:
+        if shape not in base:
+            base[shape] = bench.build_inputs(bench.SHAPES[shape], dev)
+            lines.append(f"## {shape} (B, N, C, H, M) = {bench.SHAPES[shape]}")
         dtype = bench.DTYPES[bench.DTYPE_ALIASES.get(name, name)]
-        x = base.cast(dtype, True)
-        for det in (False, True):
-            rows = profile_case(x, det, opt.steps)
-            total = sum(r[1] for r in rows)
-            lines.append(f"==== {dtype} deterministic={det}: GPU time per step {total:.3f} ms "
-                         f"({opt.steps} steps) ====")
-            lines += [f"  {ms:8.3f} ms  x{n:<3d} {key[:100]}" for key, ms, n in rows[:opt.top]]
-            rest = sum(r[1] for r in rows[opt.top:])
-            if rest:
-                lines.append(f"  {rest:8.3f} ms        ({len(rows) - opt.top} more kernels)")
+        x = base[shape].cast(dtype, True)
+        rows, wall_ms = profile_case(x, det, opt.steps)
+        total = sum(r[1] for r in rows)
+        # Wall time well above the kernels' sum means the step waits on the host
+        # (Python, launches), not on the GPU.
+        lines.append(f"==== {shape} {dtype} deterministic={det}: GPU time per step {total:.3f} ms, "
+                     f"wall {wall_ms:.3f} ms ({opt.steps} steps) ====")
+        lines += [f"  {ms:8.3f} ms  x{n:<3d} {key[:100]}" for key, ms, n in rows[:opt.top]]
+        rest = sum(r[1] for r in rows[opt.top:])
+        if rest:
+            lines.append(f"  {rest:8.3f} ms        ({len(rows) - opt.top} more kernels)")
     report = "\n".join(lines)
     print(report, flush=True)
     if opt.log:

@@ -635,8 +635,11 @@ def _segment_sum_kernel(SRC, PERM, PTR, OUT, C, R,
 
 # Deterministic d_pe_table: a few table rows (the central offsets) collect most of the
 # B*N*M entries, so one program per row would leave the GPU waiting on those few; each row
-# is cut into this many pieces, summed afterwards in a fixed order.
+# is cut into up to 32 pieces, summed afterwards in a fixed order, as long as the grid
+# stays within ~256k programs (large tables, e.g. 261k rows at N=64k, get one piece: mostly
+# empty programs would cost more than the imbalance).
 _SEGMENT_PIECES = 32
+_SEGMENT_PROGRAMS = 1 << 18
 
 
 def _pe_grad_deterministic(ds_buf, pe_idx, mask, T, H, acc_dtype):
@@ -647,7 +650,7 @@ def _pe_grad_deterministic(ds_buf, pe_idx, mask, T, H, acc_dtype):
     sorted_key, perm = torch.sort(key, stable=True)
     bounds = torch.arange(T + 1, device=key.device, dtype=key.dtype)
     ptr = torch.searchsorted(sorted_key, bounds, out_int32=True)
-    pieces = 2 if _INTERPRET else _SEGMENT_PIECES
+    pieces = 2 if _INTERPRET else max(1, min(_SEGMENT_PIECES, _SEGMENT_PROGRAMS // T))
     out = torch.empty((pieces, T, H), dtype=acc_dtype, device=ds_buf.device)
     with _device_guard(ds_buf):
         _segment_sum_kernel[(T, pieces)](
