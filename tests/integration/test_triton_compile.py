@@ -181,3 +181,32 @@ def test_autocast_passes_through():
     r = fresh(case)
     loss_reference(**r).backward()
     torch.testing.assert_close(c["q"].grad, r["q"].grad, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("needs", ["all", "q_only", "params_only"])
+def test_eager_function_matches_custom_op(needs):
+    # Eager calls take an autograd.Function, compiled ones the custom op: both must give
+    # the same output and the same gradients (deterministic mode: bitwise), including
+    # which gradients exist when only some inputs require them.
+    case = make_case(seed=9, N=23, M=6)
+    wanted = {"all": None, "q_only": {"q"}, "params_only": {"pe_table", "blank_k", "blank_v"}}[needs]
+    results = []
+    for path in ("function", "custom_op"):
+        c = fresh(case)
+        for n in ("q", "k", "v", "pe_table", "blank_k", "blank_v"):
+            c[n].requires_grad_(wanted is None or n in wanted)
+        args = (c["q"], c["k"], c["v"], c["member_idx"], c["pe_table"], c["pe_idx"], c["mask"],
+                c["blank_k"], c["blank_v"], 0.4, True)
+        if path == "function":
+            out = tk._AttnFunction.apply(*args)
+        else:
+            out = torch.ops.cluster_triton.attn_fwd(*args)[0]
+        out.square().sum().backward()
+        results.append((out.detach(), {n: c[n].grad for n in ("q", "k", "v", "pe_table", "blank_k",
+                                                               "blank_v")}))
+    (out_f, g_f), (out_c, g_c) = results
+    assert torch.equal(out_f, out_c)
+    for n in g_f:
+        assert (g_f[n] is None) == (g_c[n] is None), n
+        if g_f[n] is not None:
+            assert torch.equal(g_f[n], g_c[n]), n
