@@ -286,7 +286,9 @@ def cluster_attention(
         blank_k, blank_v: ``[H, D]`` extra key/value per head (both or neither).
         scale: logit scale, default ``D ** -0.5``.
         backend: "auto" | "reference" | "triton" | "cuda".
-        deterministic: backward without float atomics, bitwise reproducible. None follows
+        deterministic: backward without float atomics and in a fixed summation order,
+            bitwise reproducible; otherwise some gradients (triton: d_pe_table, dk, dv) are
+            equal only up to rounding between runs. None follows
             ``torch.are_deterministic_algorithms_enabled()``.
         check_indices: check index ranges (one device sync); switch off only for inputs
             already known to be valid.
