@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 
 
-def profile_case(x, det: bool, steps: int) -> list[tuple[str, float, int]]:
-    """(kernel name, ms per step, launches per step) of `steps` fwd+bwd steps, largest first."""
+def profile_case(x, det: bool, steps: int) -> tuple[list[tuple[str, float, int]], float]:
+    """(kernel name, ms per step, launches per step) of `steps` fwd+bwd steps, largest first,
+    and the wall time per step of as many unprofiled steps."""
     from torch.profiler import ProfilerActivity, profile
 
     step = bench.make_step(bench.make_attention("triton-det" if det else "triton", False), x,

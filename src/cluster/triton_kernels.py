@@ -208,7 +208,7 @@ _DPE_MAX_REPLICAS = 128
 
 
 def _dpe_replicas(T: int, H: int, acc_dtype: torch.dtype) -> int:
-    per_copy = T * H * torch.empty((), dtype=acc_dtype).element_size()
+    per_copy = T * H * acc_dtype.itemsize
     return max(1, min(_DPE_MAX_REPLICAS, _DPE_REPLICA_BYTES // max(1, per_copy)))
 
 
@@ -286,15 +286,16 @@ def _reverse_map_counting(member_idx: torch.Tensor, mask_u8: torch.Tensor | None
     count = torch.zeros((B, n_keys), dtype=torch.int32, device=dev)
     perm = torch.empty((B, NM), dtype=torch.int32, device=dev)
     has_mask = mask_u8 is not None
+    masks = mask_u8 if has_mask else member_idx  # any tensor: unread without HAS_MASK
     grid = (triton.cdiv(NM, _KEY_BLOCK), B)
     with _device_guard(member_idx):
-        _key_count_kernel[grid](member_idx, mask_u8 if has_mask else member_idx, count,
-                                NM, n_keys, HAS_MASK=has_mask, BLOCK=_KEY_BLOCK)
+        _key_count_kernel[grid](member_idx, masks, count, NM, n_keys,
+                                HAS_MASK=has_mask, BLOCK=_KEY_BLOCK)
         ptr = torch.zeros((B, n_keys + 1), dtype=torch.int32, device=dev)
         torch.cumsum(count, dim=1, dtype=torch.int32, out=ptr[:, 1:])
         count.copy_(ptr[:, :-1])
-        _key_fill_kernel[grid](member_idx, mask_u8 if has_mask else member_idx, count, perm,
-                               NM, n_keys, HAS_MASK=has_mask, BLOCK=_KEY_BLOCK)
+        _key_fill_kernel[grid](member_idx, masks, count, perm, NM, n_keys,
+                               HAS_MASK=has_mask, BLOCK=_KEY_BLOCK)
     return perm, ptr
 
 
@@ -976,13 +977,18 @@ def _attn_bwd_fake(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     return dq, dk, dv, dpe, dbk, dbv
 
 
-def _attn_setup_context(ctx, inputs, output):
+def _save_attn_context(ctx, inputs, out, lse):
+    """What either autograd path keeps for :func:`_attn_backward_autograd`."""
     q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale, deterministic = inputs
-    out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, blank_k,
                           blank_v)
     ctx.scale = scale
     ctx.deterministic = deterministic
+
+
+def _attn_setup_context(ctx, inputs, output):
+    out, lse = output
+    _save_attn_context(ctx, inputs, out, lse)
     ctx.mark_non_differentiable(lse)
 
 
@@ -1058,12 +1064,10 @@ class _AttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale,
                 deterministic):
-        out, lse = _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k,
-                                 blank_v, scale)
-        ctx.save_for_backward(q, k, v, out, lse, member_idx, pe_table, pe_idx, mask,
-                              blank_k, blank_v)
-        ctx.scale = scale
-        ctx.deterministic = deterministic
+        inputs = (q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale,
+                  deterministic)
+        out, lse = _attn_forward(*inputs[:10])
+        _save_attn_context(ctx, inputs, out, lse)
         return out
 
     @staticmethod
