@@ -30,6 +30,7 @@ __all__ = [
     "LOWP_FACTOR",
     "AttentionInputs",
     "make_inputs",
+    "grouped_member_idx",
     "check_config",
     "max_errors",
     "within_fp32_tolerance",
@@ -210,6 +211,24 @@ def make_inputs(
         blank_k, blank_v, extras={"pos": nb.pos, "h": h, "w": w, "R": R, "neighborhoods": nb},
     )
     return inputs.to(dtype=dtype, device=device)
+
+
+def grouped_member_idx(B: int, N: int, M: int, *, group: int, generator: torch.Generator,
+                       stray_every: int = 0) -> torch.Tensor:
+    """Random key lists [B, N, M] shared by each run of ``group`` consecutive queries, the
+    way AFF's clusters share theirs (the layout the triton backend's group kernels exploit;
+    lists may name a key twice). ``stray_every`` > 0: in every ``stray_every``-th group one
+    query's slot names another key, so that group no longer shares one list."""
+    n_groups = -(-N // group)
+    lists = torch.randint(0, N, (B, n_groups, M), generator=generator)
+    idx = lists.repeat_interleave(group, dim=1)[:, :N].clone()
+    if stray_every:
+        for first in range(0, N, group * stray_every):
+            span = min(group, N - first)
+            row = first + int(torch.randint(0, span, (1,), generator=generator))
+            slot = int(torch.randint(0, M, (1,), generator=generator))
+            idx[:, row, slot] = (idx[:, row, slot] + 1) % N
+    return idx
 
 
 def max_errors(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:

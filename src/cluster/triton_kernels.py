@@ -62,6 +62,10 @@ TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
     ("bwd_kv", 4): (8, 32, 1024, 1),
     ("bwd_kv", 2): (8, 32, 1024, 1),
 }
+# num_warps of the group-shared kernels (one cluster of queries per program, tl.dot tiles).
+TUNING_GROUP: dict[tuple[str, int], int] = {
+    ("fwd", 4): 4, ("fwd", 2): 4, ("bwd_q", 4): 4, ("bwd_q", 2): 4,
+}
 
 
 def _interpreter_numpy_shim() -> None:
@@ -320,6 +324,73 @@ def _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
 
 
 @triton.jit
+def _fwd_rows(
+    Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_q, q_ok, row_off, idx0, pe0, ok0,
+    sqh, sqn, skh, skn, svh, svn, soh, son, spet, speh, sbkh, sbvh,
+    N, M, D, scale_hi, scale_lo,
+    HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BLANK: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Head ``h`` of a row block, each query gathering its own keys (any member_idx):
+    online softmax over chunks of BLOCK_M slots. Pointers are already offset to the batch."""
+    NEG_INF = float("-inf")
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qd_ok = q_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
+                other=0.0).to(ACC)
+    q = q * scale_hi + q * scale_lo
+    m_i = tl.full([BLOCK_Q], NEG_INF, ACC)
+    l_i = tl.zeros([BLOCK_Q], ACC)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], ACC)
+    if HAS_BLANK:
+        bk = tl.load(BK + h * sbkh + offs_d, mask=d_ok, other=0.0).to(ACC)
+        bv = tl.load(BV + h * sbvh + offs_d, mask=d_ok, other=0.0).to(ACC)
+        # The blank is the softmax's first element: running max = its logit, sum = 1.
+        m_i = tl.sum(q * bk[None, :], 1)
+        l_i = tl.zeros([BLOCK_Q], ACC) + 1.0
+        acc = tl.zeros([BLOCK_Q, BLOCK_D], ACC) + bv[None, :]
+    for m0 in range(0, M, BLOCK_M):
+        if ONE_CHUNK:
+            idx, pe, ok = idx0, pe0, ok0
+        else:
+            idx, pe, ok, _o = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
+                                          HAS_PE, HAS_MASK, BLOCK_M)
+        kd_ok = ok[:, :, None] & d_ok[None, None, :]
+        kt = tl.load(K + h * skh + idx[:, :, None] * skn + offs_d[None, None, :],
+                     mask=kd_ok, other=0.0).to(ACC)
+        s = tl.sum(q[:, None, :] * kt, 2)
+        if HAS_PE:
+            s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
+        s = tl.where(ok, s, NEG_INF)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # All-invalid so far: shift by 0 so that exp(-inf - shift) = 0, never NaN.
+        m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(V + h * svh + idx[:, :, None] * svn + offs_d[None, None, :],
+                     mask=kd_ok, other=0.0).to(ACC)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt, 1)
+        m_i = m_new
+    _fwd_store(O, LSE, h, offs_q, q_ok, acc, m_i, l_i, soh, son, N, D, BLOCK_D)
+
+
+@triton.jit
+def _fwd_store(O, LSE, h, offs_q, q_ok, acc, m_i, l_i, soh, son, N, D, BLOCK_D: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    has = l_i > 0
+    l_safe = tl.where(has, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    # lse = +inf on empty rows makes the backward's exp(logit - lse) exactly 0.
+    lse = tl.where(has, m_i + tl.log(l_safe), float("inf"))
+    tl.store(O + h * soh + offs_q[:, None] * son + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=q_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(LSE + h * N + offs_q, lse, mask=q_ok)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
@@ -338,9 +409,6 @@ def _attn_fwd_kernel(
     h_hi = tl.minimum(h_lo + HPG, H)
     offs_q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_ok = offs_q < N
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    qd_ok = q_ok[:, None] & d_ok[None, :]
     row_off = offs_q * M
     IDX += b * N * M
     PEIDX += b * N * M
@@ -350,58 +418,159 @@ def _attn_fwd_kernel(
     V += b * svb
     O += b * sob
     LSE += b * H * N
-    NEG_INF = float("-inf")
 
     # The slot metadata is shared by all heads: when one chunk covers M, read it once.
+    idx0, pe0, ok0 = 0, 0, 0
     if ONE_CHUNK:
         idx0, pe0, ok0, _o = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M,
                                          HAS_PE, HAS_MASK, BLOCK_M)
-
     for h in range(h_lo, h_hi):
-        q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
-                    other=0.0).to(ACC)
-        q = q * scale_hi + q * scale_lo
-        m_i = tl.full([BLOCK_Q], NEG_INF, ACC)
-        l_i = tl.zeros([BLOCK_Q], ACC)
-        acc = tl.zeros([BLOCK_Q, BLOCK_D], ACC)
-        if HAS_BLANK:
-            bk = tl.load(BK + h * sbkh + offs_d, mask=d_ok, other=0.0).to(ACC)
-            bv = tl.load(BV + h * sbvh + offs_d, mask=d_ok, other=0.0).to(ACC)
-            # The blank is the softmax's first element: running max = its logit, sum = 1.
-            m_i = tl.sum(q * bk[None, :], 1)
-            l_i = tl.zeros([BLOCK_Q], ACC) + 1.0
-            acc = tl.zeros([BLOCK_Q, BLOCK_D], ACC) + bv[None, :]
-        for m0 in range(0, M, BLOCK_M):
-            if ONE_CHUNK:
-                idx, pe, ok = idx0, pe0, ok0
-            else:
-                idx, pe, ok, _o = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
-                                              HAS_PE, HAS_MASK, BLOCK_M)
-            kd_ok = ok[:, :, None] & d_ok[None, None, :]
-            kt = tl.load(K + h * skh + idx[:, :, None] * skn + offs_d[None, None, :],
-                         mask=kd_ok, other=0.0).to(ACC)
-            s = tl.sum(q[:, None, :] * kt, 2)
+        _fwd_rows(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_q, q_ok, row_off,
+                  idx0, pe0, ok0, sqh, sqn, skh, skn, svh, svn, soh, son, spet, speh,
+                  sbkh, sbvh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, HAS_BLANK,
+                  ONE_CHUNK, BLOCK_Q, BLOCK_M, BLOCK_D, ACC)
+
+
+@triton.jit
+def _mma(a, b, UPCAST: tl.constexpr):
+    """a @ b with a float32 (or float64) result; ieee keeps float32 exact (no tf32) and
+    16-bit products are exact in float32. UPCAST: Triton's CPU interpreter multiplies
+    bfloat16 operands as their raw 16-bit integers, so there they go through float32
+    (the same values, exactly)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _group_slots(IDX, PEIDX, MASK, pid, N, M, HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr,
+                 GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Slots of the GROUP queries from pid * GROUP (padded to ROWS rows for tl.dot), the
+    group's lead key list (its first query's), and whether the group shares it: every
+    valid slot of every query names the lead's key in that slot."""
+    rows = tl.arange(0, ROWS)
+    offs_q = pid * GROUP + rows
+    q_ok = (rows < GROUP) & (offs_q < N)
+    row_off = offs_q * M
+    idx, pe, ok, off = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M, HAS_PE, HAS_MASK,
+                                   BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    lead = tl.load(IDX + pid * GROUP * M + offs_m, mask=offs_m < M, other=0)
+    stray = tl.max(tl.max((ok & (idx != lead[None, :])).to(tl.int32), 1), 0)
+    # A slot's key row is read if any query of the group uses the slot.
+    live = tl.max(ok.to(tl.int32), 0) > 0
+    return offs_q, q_ok, row_off, idx, pe, ok, off, lead, live, stray == 0
+
+
+@triton.jit
+def _attn_fwd_cluster_kernel(
+    Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    spet, speh, sbkh, sbvh,
+    H, N, M, D, scale_hi, scale_lo, HPG, NHG,
+    HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BLANK: tl.constexpr,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    GEN_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+):
+    """One program per GROUP consecutive queries. AFF gives all tokens of a cluster the
+    same key list, so the group's keys and values are gathered once as [BLOCK_M, BLOCK_D]
+    tiles and the scores and outputs are tl.dot products (ROWS >= 16 rows, the real
+    GROUP padded), instead of every query gathering its own copies. A group whose queries
+    name different keys falls back to the per-query path (_fwd_rows), so any member_idx
+    stays correct."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NHG).to(tl.int64)
+    h_lo = (pid_bh % NHG) * HPG
+    h_hi = tl.minimum(h_lo + HPG, H)
+    IDX += b * N * M
+    PEIDX += b * N * M
+    MASK += b * N * M
+    Q += b * sqb
+    K += b * skb
+    V += b * svb
+    O += b * sob
+    LSE += b * H * N
+    NEG_INF = float("-inf")
+    offs_q, q_ok, row_off, idx, pe, ok, _o, lead, live, shared = _group_slots(
+        IDX, PEIDX, MASK, pid, N, M, HAS_PE, HAS_MASK, GROUP, ROWS, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qd_ok = q_ok[:, None] & d_ok[None, :]
+    kv_ok = live[:, None] & d_ok[None, :]
+    if shared:
+        for h in range(h_lo, h_hi):
+            q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
+                        other=0.0)
+            k = tl.load(K + h * skh + lead[:, None] * skn + offs_d[None, :], mask=kv_ok,
+                        other=0.0)
+            s = _mma(q, tl.trans(k), UPCAST).to(ACC)
+            s = s * scale_hi + s * scale_lo
             if HAS_PE:
                 s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
             s = tl.where(ok, s, NEG_INF)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # All-invalid so far: shift by 0 so that exp(-inf - shift) = 0, never NaN.
-            m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
-            alpha = tl.exp(m_i - m_use)
+            m_i = tl.max(s, 1)
+            if HAS_BLANK:
+                bk = tl.load(BK + h * sbkh + offs_d, mask=d_ok, other=0.0).to(ACC)
+                sb = tl.sum(q.to(ACC) * bk[None, :], 1)
+                sb = sb * scale_hi + sb * scale_lo
+                m_i = tl.maximum(m_i, sb)
+            m_use = tl.where(m_i == NEG_INF, 0.0, m_i)
             p = tl.exp(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(V + h * svh + idx[:, :, None] * svn + offs_d[None, None, :],
-                         mask=kd_ok, other=0.0).to(ACC)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt, 1)
-            m_i = m_new
-        has = l_i > 0
-        l_safe = tl.where(has, l_i, 1.0)
-        out = acc / l_safe[:, None]
-        # lse = +inf on empty rows makes the backward's exp(logit - lse) exactly 0.
-        lse = tl.where(has, m_i + tl.log(l_safe), float("inf"))
-        tl.store(O + h * soh + offs_q[:, None] * son + offs_d[None, :],
-                 out.to(O.dtype.element_ty), mask=qd_ok)
-        tl.store(LSE + h * N + offs_q, lse, mask=q_ok)
+            l_i = tl.sum(p, 1)
+            v = tl.load(V + h * svh + lead[:, None] * svn + offs_d[None, :], mask=kv_ok,
+                        other=0.0)
+            if SPLIT:
+                # Probabilities as hi + lo 16-bit parts: two tensor-core products keep
+                # ~16 significant bits of p where one cast would keep 8 (bf16).
+                p_hi = p.to(v.dtype)
+                p_lo = (p - p_hi.to(ACC)).to(v.dtype)
+                acc = _mma(p_hi, v, UPCAST) + _mma(p_lo, v, UPCAST)
+            else:
+                acc = _mma(p, v, UPCAST).to(ACC)
+            if HAS_BLANK:
+                bv = tl.load(BV + h * sbvh + offs_d, mask=d_ok, other=0.0).to(ACC)
+                pb = tl.exp(sb - m_use)
+                l_i += pb
+                acc += pb[:, None] * bv[None, :]
+            _fwd_store(O, LSE, h, offs_q, q_ok, acc, m_use, l_i, soh, son, N, D, BLOCK_D)
+    else:
+        offs_g = pid * GROUP + tl.arange(0, GROUP)
+        g_ok = offs_g < N
+        for h in range(h_lo, h_hi):
+            _fwd_rows(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_g, g_ok,
+                      offs_g * M, 0, 0, 0, sqh, sqn, skh, skn, svh, svn, soh, son, spet, speh,
+                      sbkh, sbvh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, HAS_BLANK,
+                      False, GROUP, GEN_M, BLOCK_D, ACC)
+
+
+# Tokens per cluster in AFF, i.e. the queries that share one key list; the group-shared
+# kernels pad them to 16 rows, the smallest tl.dot tile. Key lists whose [BLOCK_M,
+# BLOCK_D] tile would exceed _GROUP_TILE elements take the per-query kernels.
+_GROUP = 8
+_GROUP_ROWS = 16
+_GROUP_TILE = 8192
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    return dict(SPLIT=dtype in (torch.float16, torch.bfloat16),
+                UPCAST=_INTERPRET and dtype == torch.bfloat16)
+
+
+def _group_blocks(D: int, M: int, dtype: torch.dtype, kind: str):
+    """(BLOCK_M, BLOCK_D, fallback slots per chunk, num_warps) of a group-shared kernel, or
+    None when the key list is too long for one tile."""
+    block_m, block_d = max(16, _np2(M)), max(16, _np2(D))
+    if block_m * block_d > _GROUP_TILE // (2 if dtype == torch.float64 else 1):
+        return None
+    width = 2 if dtype in (torch.float16, torch.bfloat16) else 4
+    _rows, max_slots, budget, _w = TUNING[kind, width]
+    if dtype == torch.float64:
+        budget //= 2
+    if _INTERPRET:
+        max_slots, budget = 32, 1 << 16
+    gen_m = min(_np2(M), max(1, min(max_slots, budget // (_GROUP * block_d))))
+    return block_m, block_d, gen_m, TUNING_GROUP[kind, width]
 
 
 def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale):
@@ -417,25 +586,121 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
     bv = _lastdim_unit(blank_v) if has_blank else q
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=_acc_dtype(q.dtype), device=q.device)
-    BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "fwd")
     hi, lo = _split_scale(scale)
-    hpg, nhg = _head_groups(triton.cdiv(N, BQ), B, H, q.device)
-    grid = (triton.cdiv(N, BQ), B * nhg)
+    args = (
+        q, k, v, out, lse, idx, pe_idx, mask_u8, pe_t, bk, bv,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
+        bk.stride(0) if has_blank else 0, bv.stride(0) if has_blank else 0,
+    )
+    flags = dict(HAS_PE=has_pe, HAS_MASK=has_mask, HAS_BLANK=has_blank, ACC=_tl_acc(q.dtype))
+    grouped = _group_blocks(D, M, q.dtype, "fwd")
     with _device_guard(q):
-        _attn_fwd_kernel[grid](
-            q, k, v, out, lse, idx, pe_idx, mask_u8, pe_t, bk, bv,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
-            bk.stride(0) if has_blank else 0, bv.stride(0) if has_blank else 0,
-            H, N, M, D, hi, lo, hpg, nhg,
-            HAS_PE=has_pe, HAS_MASK=has_mask, HAS_BLANK=has_blank, ONE_CHUNK=BM >= M,
-            BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, ACC=_tl_acc(q.dtype), num_warps=warps,
-        )
+        if grouped is not None:
+            BM, BD, GM, warps = grouped
+            n_blocks = triton.cdiv(N, _GROUP)
+            hpg, nhg = _head_groups(n_blocks, B, H, q.device)
+            _attn_fwd_cluster_kernel[(n_blocks, B * nhg)](
+                *args, H, N, M, D, hi, lo, hpg, nhg, **flags, GROUP=_GROUP, ROWS=_GROUP_ROWS,
+                BLOCK_M=BM, BLOCK_D=BD, GEN_M=GM, **_dot_flags(q.dtype), num_warps=warps,
+            )
+        else:
+            BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "fwd")
+            hpg, nhg = _head_groups(triton.cdiv(N, BQ), B, H, q.device)
+            _attn_fwd_kernel[(triton.cdiv(N, BQ), B * nhg)](
+                *args, H, N, M, D, hi, lo, hpg, nhg, **flags, ONE_CHUNK=BM >= M,
+                BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, num_warps=warps,
+            )
     return out, lse
 
 
 # =========================================================================== backward
+
+
+@triton.jit
+def _bwd_q_rows(
+    Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV, DPE, DSBUF,
+    DBK_PART, DBV_PART, h, lin, rep, offs_q, q_ok, row_off, idx0, pe0, ok0, off0,
+    sqh, sqn, skh, skn, svh, svn, soh, son, sdoh, sdon, spet, speh, sbkh, sbvh,
+    H, N, M, D, T, scale_hi, scale_lo,
+    HAS_PE: tl.constexpr, DPE_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_BLANK: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Head ``h`` of a row block, each query gathering its own keys (any member_idx)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qd_ok = q_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
+                other=0.0).to(ACC)
+    qs = q * scale_hi + q * scale_lo
+    do = tl.load(DO + h * sdoh + offs_q[:, None] * sdon + offs_d[None, :], mask=qd_ok,
+                 other=0.0).to(ACC)
+    delta, lse, dq = _bwd_q_start(O, LSE, DELTA, BK, BV, DBK_PART, DBV_PART, h, lin, offs_q,
+                                  q_ok, qs, do, soh, son, sbkh, sbvh, H, N, D, HAS_BLANK,
+                                  BLOCK_Q, BLOCK_D, ACC)
+    for m0 in range(0, M, BLOCK_M):
+        if ONE_CHUNK:
+            idx, pe, ok, off = idx0, pe0, ok0, off0
+        else:
+            idx, pe, ok, off = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
+                                           HAS_PE, HAS_MASK, BLOCK_M)
+        kd_ok = ok[:, :, None] & d_ok[None, None, :]
+        kt = tl.load(K + h * skh + idx[:, :, None] * skn + offs_d[None, None, :],
+                     mask=kd_ok, other=0.0).to(ACC)
+        s = tl.sum(qs[:, None, :] * kt, 2)
+        if HAS_PE:
+            s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        vt = tl.load(V + h * svh + idx[:, :, None] * svn + offs_d[None, None, :],
+                     mask=kd_ok, other=0.0).to(ACC)
+        dp = tl.sum(do[:, None, :] * vt, 2)
+        ds = p * (dp - delta[:, None])
+        dq += tl.sum(ds[:, :, None] * kt, 1)
+        _bwd_q_dpe(DPE, DSBUF, ds, pe, ok, off, h, rep, H, T, DPE_MODE)
+    dq = dq * scale_hi + dq * scale_lo
+    tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=qd_ok)
+
+
+@triton.jit
+def _bwd_q_start(O, LSE, DELTA, BK, BV, DBK_PART, DBV_PART, h, lin, offs_q, q_ok, qs, do,
+                 soh, son, sbkh, sbvh, H, N, D, HAS_BLANK: tl.constexpr,
+                 BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    """Delta (stored), lse, and dq's blank term; the blank's partial sums are stored."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    o = tl.load(O + h * soh + offs_q[:, None] * son + offs_d[None, :],
+                mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
+    # O already holds the blank's share, so this is the full sum_j p_j dp_j.
+    delta = tl.sum(do * o, 1)
+    tl.store(DELTA + h * N + offs_q, delta, mask=q_ok)
+    lse = tl.load(LSE + h * N + offs_q, mask=q_ok, other=float("inf"))
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], ACC)
+    if HAS_BLANK:
+        bk = tl.load(BK + h * sbkh + offs_d, mask=d_ok, other=0.0).to(ACC)
+        bv = tl.load(BV + h * sbvh + offs_d, mask=d_ok, other=0.0).to(ACC)
+        pb = tl.exp(tl.sum(qs * bk[None, :], 1) - lse)
+        pb = tl.where(q_ok, pb, 0.0)
+        dsb = pb * (tl.sum(do * bv[None, :], 1) - delta)
+        dq += dsb[:, None] * bk[None, :]
+        # Per-program partial sums, added up in torch: fixed order, no atomics.
+        dbk = tl.sum(dsb[:, None] * qs, 0)
+        dbv = tl.sum(pb[:, None] * do, 0)
+        tl.store(DBK_PART + (lin * H + h) * D + offs_d, dbk, mask=d_ok)
+        tl.store(DBV_PART + (lin * H + h) * D + offs_d, dbv, mask=d_ok)
+    return delta, lse, dq
+
+
+@triton.jit
+def _bwd_q_dpe(DPE, DSBUF, ds, pe, ok, off, h, rep, H, T, DPE_MODE: tl.constexpr):
+    if DPE_MODE == 1:
+        # Relaxed: the sums are read only after the kernel; acq_rel (triton's default)
+        # would order each of these against the program's other accesses.
+        tl.atomic_add(DPE + (rep * T + pe) * H + h, ds, mask=ok, sem="relaxed")
+    if DPE_MODE == 2:
+        tl.store(DSBUF + off * H + h, ds, mask=ok)
 
 
 @triton.jit
@@ -466,9 +731,6 @@ def _attn_bwd_q_kernel(
     rep = lin % R
     offs_q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_ok = offs_q < N
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    qd_ok = q_ok[:, None] & d_ok[None, :]
     row_off = offs_q * M
     IDX += b * N * M
     PEIDX += b * N * M
@@ -483,62 +745,101 @@ def _attn_bwd_q_kernel(
     LSE += b * H * N
     DELTA += b * H * N
 
+    idx0, pe0, ok0, off0 = 0, 0, 0, 0
     if ONE_CHUNK:
         idx0, pe0, ok0, off0 = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M,
                                            HAS_PE, HAS_MASK, BLOCK_M)
-
     for h in range(h_lo, h_hi):
-        q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
-                    other=0.0).to(ACC)
-        qs = q * scale_hi + q * scale_lo
-        do = tl.load(DO + h * sdoh + offs_q[:, None] * sdon + offs_d[None, :], mask=qd_ok,
-                     other=0.0).to(ACC)
-        o = tl.load(O + h * soh + offs_q[:, None] * son + offs_d[None, :], mask=qd_ok,
-                    other=0.0).to(ACC)
-        # O already holds the blank's share, so this is the full sum_j p_j dp_j.
-        delta = tl.sum(do * o, 1)
-        tl.store(DELTA + h * N + offs_q, delta, mask=q_ok)
-        lse = tl.load(LSE + h * N + offs_q, mask=q_ok, other=float("inf"))
-        dq = tl.zeros([BLOCK_Q, BLOCK_D], ACC)
-        if HAS_BLANK:
-            bk = tl.load(BK + h * sbkh + offs_d, mask=d_ok, other=0.0).to(ACC)
-            bv = tl.load(BV + h * sbvh + offs_d, mask=d_ok, other=0.0).to(ACC)
-            pb = tl.exp(tl.sum(qs * bk[None, :], 1) - lse)
-            pb = tl.where(q_ok, pb, 0.0)
-            dsb = pb * (tl.sum(do * bv[None, :], 1) - delta)
-            dq += dsb[:, None] * bk[None, :]
-            # Per-program partial sums, added up in torch: fixed order, no atomics.
-            dbk = tl.sum(dsb[:, None] * qs, 0)
-            dbv = tl.sum(pb[:, None] * do, 0)
-            tl.store(DBK_PART + (lin * H + h) * D + offs_d, dbk, mask=d_ok)
-            tl.store(DBV_PART + (lin * H + h) * D + offs_d, dbv, mask=d_ok)
-        for m0 in range(0, M, BLOCK_M):
-            if ONE_CHUNK:
-                idx, pe, ok, off = idx0, pe0, ok0, off0
-            else:
-                idx, pe, ok, off = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
-                                               HAS_PE, HAS_MASK, BLOCK_M)
-            kd_ok = ok[:, :, None] & d_ok[None, None, :]
-            kt = tl.load(K + h * skh + idx[:, :, None] * skn + offs_d[None, None, :],
-                         mask=kd_ok, other=0.0).to(ACC)
-            s = tl.sum(qs[:, None, :] * kt, 2)
+        _bwd_q_rows(Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV, DPE, DSBUF,
+                    DBK_PART, DBV_PART, h, lin, rep, offs_q, q_ok, row_off, idx0, pe0, ok0,
+                    off0, sqh, sqn, skh, skn, svh, svn, soh, son, sdoh, sdon, spet, speh,
+                    sbkh, sbvh, H, N, M, D, T, scale_hi, scale_lo, HAS_PE, DPE_MODE, HAS_MASK,
+                    HAS_BLANK, ONE_CHUNK, BLOCK_Q, BLOCK_M, BLOCK_D, ACC)
+
+
+@triton.jit
+def _attn_bwd_q_cluster_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV,
+    DPE, DSBUF, DBK_PART, DBV_PART,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
+    spet, speh, sbkh, sbvh,
+    H, N, M, D, T, R, scale_hi, scale_lo, HPG, NHG,
+    HAS_PE: tl.constexpr, DPE_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_BLANK: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, GEN_M: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+):
+    """The query side with one program per GROUP queries, as _attn_fwd_cluster_kernel:
+    a group sharing one key list gathers its key and value tiles once and uses tl.dot;
+    any other group takes the per-query path (_bwd_q_rows)."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NHG).to(tl.int64)
+    h_lo = (pid_bh % NHG) * HPG
+    h_hi = tl.minimum(h_lo + HPG, H)
+    lin = b * tl.num_programs(0) + pid
+    rep = lin % R
+    IDX += b * N * M
+    PEIDX += b * N * M
+    MASK += b * N * M
+    DSBUF += b * N * M * H
+    Q += b * sqb
+    K += b * skb
+    V += b * svb
+    O += b * sob
+    DO += b * sdob
+    DQ += b * H * N * D
+    LSE += b * H * N
+    DELTA += b * H * N
+    offs_q, q_ok, row_off, idx, pe, ok, off, lead, live, shared = _group_slots(
+        IDX, PEIDX, MASK, pid, N, M, HAS_PE, HAS_MASK, GROUP, ROWS, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qd_ok = q_ok[:, None] & d_ok[None, :]
+    kv_ok = live[:, None] & d_ok[None, :]
+    if shared:
+        for h in range(h_lo, h_hi):
+            q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
+                        other=0.0)
+            do = tl.load(DO + h * sdoh + offs_q[:, None] * sdon + offs_d[None, :],
+                         mask=qd_ok, other=0.0)
+            qa = q.to(ACC)
+            qs = qa * scale_hi + qa * scale_lo
+            delta, lse, dq = _bwd_q_start(O, LSE, DELTA, BK, BV, DBK_PART, DBV_PART, h, lin,
+                                          offs_q, q_ok, qs, do.to(ACC), soh, son, sbkh, sbvh,
+                                          H, N, D, HAS_BLANK, ROWS, BLOCK_D, ACC)
+            k = tl.load(K + h * skh + lead[:, None] * skn + offs_d[None, :], mask=kv_ok,
+                        other=0.0)
+            v = tl.load(V + h * svh + lead[:, None] * svn + offs_d[None, :], mask=kv_ok,
+                        other=0.0)
+            s = _mma(q, tl.trans(k), UPCAST).to(ACC)
+            s = s * scale_hi + s * scale_lo
             if HAS_PE:
                 s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
             p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-            vt = tl.load(V + h * svh + idx[:, :, None] * svn + offs_d[None, None, :],
-                         mask=kd_ok, other=0.0).to(ACC)
-            dp = tl.sum(do[:, None, :] * vt, 2)
+            dp = _mma(do, tl.trans(v), UPCAST).to(ACC)
             ds = p * (dp - delta[:, None])
-            dq += tl.sum(ds[:, :, None] * kt, 1)
-            if DPE_MODE == 1:
-                # Relaxed: the sums are read only after the kernel; acq_rel (triton's
-                # default) would order each of these against the program's other accesses.
-                tl.atomic_add(DPE + (rep * T + pe) * H + h, ds, mask=ok, sem="relaxed")
-            if DPE_MODE == 2:
-                tl.store(DSBUF + off * H + h, ds, mask=ok)
-        dq = dq * scale_hi + dq * scale_lo
-        tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=qd_ok)
+            if SPLIT:
+                # bfloat16 has float32's range, so hi + lo parts lose only low bits.
+                ds_hi = ds.to(k.dtype)
+                ds_lo = (ds - ds_hi.to(ACC)).to(k.dtype)
+                dq += _mma(ds_hi, k, UPCAST) + _mma(ds_lo, k, UPCAST)
+            else:
+                # float16 parts would flush small ds to zero: its product runs in float32.
+                dq += _mma(ds, k.to(ACC), False).to(ACC)
+            _bwd_q_dpe(DPE, DSBUF, ds, pe, ok, off, h, rep, H, T, DPE_MODE)
+            dq = dq * scale_hi + dq * scale_lo
+            tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
+                     dq.to(DQ.dtype.element_ty), mask=qd_ok)
+    else:
+        offs_g = pid * GROUP + tl.arange(0, GROUP)
+        g_ok = offs_g < N
+        for h in range(h_lo, h_hi):
+            _bwd_q_rows(Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV, DPE,
+                        DSBUF, DBK_PART, DBV_PART, h, lin, rep, offs_g, g_ok, offs_g * M,
+                        0, 0, 0, 0, sqh, sqn, skh, skn, svh, svn, soh, son, sdoh, sdon, spet,
+                        speh, sbkh, sbvh, H, N, M, D, T, scale_hi, scale_lo, HAS_PE, DPE_MODE,
+                        HAS_MASK, HAS_BLANK, False, GROUP, GEN_M, BLOCK_D, ACC)
 
 
 @triton.jit
@@ -682,9 +983,13 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     mask_u8 = mask_b.view(torch.uint8) if has_mask else idx
     bk = _lastdim_unit(blank_k) if has_blank else q
     bv = _lastdim_unit(blank_v) if has_blank else q
-    BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "bwd_q")
     hi, lo = _split_scale(scale)
-    n_qblocks = triton.cdiv(N, BQ)
+    grouped = _group_blocks(D, M, q.dtype, "bwd_q")
+    if grouped is not None:
+        n_qblocks = triton.cdiv(N, _GROUP)
+    else:
+        BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "bwd_q")
+        n_qblocks = triton.cdiv(N, BQ)
     hpg, nhg = _head_groups(n_qblocks, B, H, dev)
 
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=dev)
@@ -705,21 +1010,32 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         dbv_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
     else:
         dbk_part = dbv_part = delta
+    args = (
+        q, k, v, out, dout, lse, delta, dq, idx, pe_idx, mask_u8, pe_t, bk, bv,
+        dpe if dpe is not None else delta, dsbuf if dsbuf is not None else delta,
+        dbk_part, dbv_part,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
+        bk.stride(0) if has_blank else 0, bv.stride(0) if has_blank else 0,
+        H, N, M, D, pe_table.shape[0] if has_pe else 0, n_rep, hi, lo, hpg, nhg,
+    )
+    flags = dict(HAS_PE=has_pe, DPE_MODE=dpe_mode, HAS_MASK=has_mask, HAS_BLANK=has_blank,
+                 ACC=_tl_acc(q.dtype))
     with _device_guard(q):
-        _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
-            q, k, v, out, dout, lse, delta, dq, idx, pe_idx, mask_u8, pe_t, bk, bv,
-            dpe if dpe is not None else delta, dsbuf if dsbuf is not None else delta,
-            dbk_part, dbv_part,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
-            bk.stride(0) if has_blank else 0, bv.stride(0) if has_blank else 0,
-            H, N, M, D, pe_table.shape[0] if has_pe else 0, n_rep, hi, lo, hpg, nhg,
-            HAS_PE=has_pe, DPE_MODE=dpe_mode, HAS_MASK=has_mask, HAS_BLANK=has_blank,
-            ONE_CHUNK=BM >= M, BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, ACC=_tl_acc(q.dtype),
-            num_warps=warps,
-        )
+        if grouped is not None:
+            BM, BD, GM, warps = grouped
+            _attn_bwd_q_cluster_kernel[(n_qblocks, B * nhg)](
+                *args, **flags, GROUP=_GROUP, ROWS=_GROUP_ROWS, BLOCK_M=BM, BLOCK_D=BD,
+                GEN_M=GM, SPLIT=q.dtype == torch.bfloat16,
+                UPCAST=_dot_flags(q.dtype)["UPCAST"], num_warps=warps,
+            )
+        else:
+            _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
+                *args, **flags, ONE_CHUNK=BM >= M, BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD,
+                num_warps=warps,
+            )
 
         if compute_kv:
             dk = torch.empty((B, H, N, D), dtype=k.dtype, device=dev)
@@ -728,7 +1044,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                 perm, ptr = _reverse_map(idx, mask_b, N)
             else:
                 perm, ptr = _reverse_map_counting(idx, mask_u8 if has_mask else None, N)
-            BK_, BE, _, kv_warps = _attn_blocks(D, M, q.dtype, "bwd_kv")
+            BK_, BE, KBD, kv_warps = _attn_blocks(D, M, q.dtype, "bwd_kv")
             kv_hpg, kv_nhg = _head_groups(triton.cdiv(N, BK_), B, H, dev)
             _attn_bwd_kv_kernel[(triton.cdiv(N, BK_), B * kv_nhg)](
                 q, k, v, dout, lse, delta, dk, dv, perm, ptr, pe_idx, pe_t,
@@ -737,7 +1053,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                 dout.stride(0), dout.stride(1), dout.stride(2),
                 pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
                 H, N, M, D, hi, lo, kv_hpg, kv_nhg,
-                HAS_PE=has_pe, BLOCK_K=BK_, BLOCK_E=BE, BLOCK_D=BD, ACC=_tl_acc(q.dtype),
+                HAS_PE=has_pe, BLOCK_K=BK_, BLOCK_E=BE, BLOCK_D=KBD, ACC=_tl_acc(q.dtype),
                 num_warps=kv_warps,
             )
         else:

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from cluster import ops, reference  # noqa: E402
+from cluster import ops, reference, testing  # noqa: E402
 
 _DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 _WHY = ops.backend_unavailable_reason("triton", _DEV, torch.float32)
@@ -37,8 +37,12 @@ KWARGS = ("pe_table", "pe_idx", "mask", "blank_k", "blank_v")
 
 
 def make_case(B, H, N, D, M, *, seed, T=7, pe=True, mask=True, blank=True, dup=True,
-              empty_rows=False, index_dtype=torch.int64):
-    """Random float64 inputs: member_idx with duplicates, masks with fully masked rows."""
+              empty_rows=False, index_dtype=torch.int64, group=0, stray_every=0):
+    """Random float64 inputs: member_idx with duplicates, masks with fully masked rows.
+
+    group > 0: runs of ``group`` queries share one key list (AFF's clusters), with per-query
+    masks and pe_idx, and no per-query duplicates; ``stray_every`` breaks the sharing of
+    every such group (see cluster.testing.grouped_member_idx)."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape, s=1.0):
@@ -46,7 +50,10 @@ def make_case(B, H, N, D, M, *, seed, T=7, pe=True, mask=True, blank=True, dup=T
 
     q, k, v = randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D)
     idx = torch.randint(0, N, (B, N, M), generator=g)
-    if dup:
+    if group:
+        idx = testing.grouped_member_idx(B, N, M, group=group, generator=g,
+                                         stray_every=stray_every)
+    elif dup:
         rep = torch.rand(B, N, M, generator=g) < 0.25
         idx = torch.where(rep, idx[..., :1].expand_as(idx), idx)
     valid = None
@@ -165,6 +172,58 @@ def test_gradcheck_fp64(flags, deterministic):
     nondet = 0.0 if deterministic or _DEV.type != "cuda" else 1e-12
     assert torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True,
                                     nondet_tol=nondet)
+
+
+# Queries sharing key lists in groups of 8 (AFF's clusters) take the group kernel's tl.dot
+# path for dq / Delta / d_pe / the blank; stray_every=2 sends every other group down the
+# per-query path of the same launch.
+GROUP_SHAPES = SHAPES[:3] + [pytest.param((2, 2, 64, 16, 64), id="n64_h2_d16_m64")]
+STRAYS = [pytest.param(0, id="shared"), pytest.param(2, id="strays")]
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+@pytest.mark.parametrize("stray_every", STRAYS)
+@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("shape", GROUP_SHAPES)
+def test_group_shared_lists_backward_fp32(shape, flags, stray_every, deterministic):
+    seed = zlib.crc32(repr((shape, flags, stray_every)).encode()) % 1000
+    case = make_case(*shape, seed=seed, **flags, group=8, stray_every=stray_every)
+    dout = dout_for(case, seed)
+    ref_out, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
+    out, g = fwd_bwd(leaves(case, torch.float32), "triton", dout, deterministic=deterministic)
+    assert_close(out, ref_out, 1e-4, "out")
+    for n in ref_g:
+        assert_close(g[n], ref_g[n], 1e-3, f"d{n}")
+
+
+@pytest.mark.parametrize("stray_every", STRAYS)
+def test_group_shared_lists_gradcheck_fp64(stray_every):
+    case = make_case(1, 2, 19, 5, 6, seed=23, T=3, group=8, stray_every=stray_every)
+    names = [n for n in PARAMS if case[n] is not None]
+    fixed = {n: case[n] for n in ("member_idx", "pe_idx", "mask")}
+
+    def f(*xs):
+        c = dict(fixed, **dict(zip(names, xs)))
+        kw = {n: c[n] for n in KWARGS}
+        return ops.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], **kw,
+                                     backend="triton", deterministic=True)
+
+    xs = [case[n].clone().requires_grad_() for n in names]
+    assert torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_group_shared_lists_backward_low_precision(dtype):
+    # flash-attention's rule per gradient: error at most 2x that of PyTorch in the same
+    # dtype, plus a small absolute term.
+    case = make_case(2, 2, 61, 32, 40, seed=24, group=8)
+    dout = dout_for(case, 24)
+    _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
+    _, pt_g = fwd_bwd(leaves(case, dtype), "reference", dout)
+    _, g = fwd_bwd(leaves(case, dtype), "triton", dout)
+    for n in ref_g:
+        ok, err, bound = testing.within_lowp_rule(g[n], pt_g[n], ref_g[n], dtype)
+        assert ok, f"d{n}: err {err:.3e} > bound {bound:.3e}"
 
 
 def test_deterministic_is_bitwise_reproducible():

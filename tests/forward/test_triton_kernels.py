@@ -36,8 +36,12 @@ if _WHY is None:
 
 
 def make_case(B, H, N, D, M, *, seed, T=7, pe=True, mask=True, blank=True, dup=True,
-              empty_rows=False, index_dtype=torch.int64, device="cpu"):
-    """Random float64 inputs: member_idx with duplicates, masks with fully masked rows."""
+              empty_rows=False, index_dtype=torch.int64, device="cpu", group=0, stray_every=0):
+    """Random float64 inputs: member_idx with duplicates, masks with fully masked rows.
+
+    group > 0: runs of ``group`` queries share one key list (AFF's clusters), with per-query
+    masks and pe_idx, and no per-query duplicates (they would break the sharing);
+    ``stray_every`` breaks the sharing of every such group."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape, s=1.0):
@@ -45,7 +49,10 @@ def make_case(B, H, N, D, M, *, seed, T=7, pe=True, mask=True, blank=True, dup=T
 
     q, k, v = randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D)
     idx = torch.randint(0, N, (B, N, M), generator=g)
-    if dup:
+    if group:
+        idx = testing.grouped_member_idx(B, N, M, group=group, generator=g,
+                                         stray_every=stray_every)
+    elif dup:
         # A quarter of the slots repeat slot 0's key: the same key named several times.
         rep = torch.rand(B, N, M, generator=g) < 0.25
         idx = torch.where(rep, idx[..., :1].expand_as(idx), idx)
@@ -199,6 +206,53 @@ def test_forward_low_precision(dtype):
     low = cast(case, dtype, param_dtype=torch.float32)
     out = run_triton(low)
     assert out.dtype == dtype
+    pt = run_reference(cast(case, dtype))
+    ok, err, bound = testing.within_lowp_rule(out, pt, ref, dtype)
+    assert ok, f"err {err:.3e} > bound {bound:.3e}"
+
+
+# Queries sharing key lists in groups of 8 (AFF's clusters) take the group kernel's
+# tl.dot path; stray_every=2 breaks every other group, which must then take the
+# per-query path inside the same launch. The last shape's [M, D] tile is too large
+# for one group tile, so it runs the per-query kernel.
+GROUP_SHAPES = SHAPES[:5] + [
+    pytest.param((2, 2, 64, 16, 64), id="n64_h2_d16_m64"),
+    pytest.param((1, 2, 40, 128, 70), id="n40_h2_d128_m70_untiled"),
+]
+STRAYS = [pytest.param(0, id="shared"), pytest.param(2, id="strays")]
+
+
+@pytest.mark.parametrize("stray_every", STRAYS)
+@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("shape", GROUP_SHAPES)
+def test_group_shared_lists_fp32(shape, flags, stray_every):
+    B, H, N, D, M = shape
+    seed = zlib.crc32(repr((shape, flags, stray_every)).encode()) % 1000
+    case = make_case(B, H, N, D, M, seed=seed, **flags, group=8, stray_every=stray_every,
+                     device=_DEV)
+    assert_close(run_triton(cast(case, torch.float32)), run_reference(case), 1e-4, "out")
+
+
+@pytest.mark.parametrize("stray_every", STRAYS)
+def test_group_shared_lists_fp64(stray_every):
+    case = make_case(2, 3, 61, 12, 24, seed=21, empty_rows=True, blank=False, group=8,
+                     stray_every=stray_every, device=_DEV)
+    out, lse = tk._attn_forward(case["q"], case["k"], case["v"], case["member_idx"],
+                                case["pe_table"], case["pe_idx"], case["mask"],
+                                case["blank_k"], case["blank_v"], 0.37)
+    assert_close(out, run_reference(case, scale=0.37), 1e-12, "out")
+    empty = (~case["mask"].any(-1))[:, None, :].expand_as(lse)
+    assert bool(empty.any()) and bool(torch.isinf(lse[empty]).all())
+    assert bool(torch.isfinite(lse[~empty]).all())
+
+
+@pytest.mark.parametrize("stray_every", STRAYS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_group_shared_lists_low_precision(dtype, stray_every):
+    case = make_case(2, 2, 61, 32, 40, seed=22, group=8, stray_every=stray_every,
+                     device=_DEV)
+    ref = run_reference(case)
+    out = run_triton(cast(case, dtype, param_dtype=torch.float32))
     pt = run_reference(cast(case, dtype))
     ok, err, bound = testing.within_lowp_rule(out, pt, ref, dtype)
     assert ok, f"err {err:.3e} > bound {bound:.3e}"
