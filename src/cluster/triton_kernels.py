@@ -62,10 +62,15 @@ TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
     ("bwd_kv", 4): (8, 32, 1024, 1),
     ("bwd_kv", 2): (8, 32, 1024, 1),
 }
-# num_warps of the group-shared kernels (one cluster of queries per program, tl.dot tiles).
+# num_warps of the group-shared kernels (one cluster of queries per program, tl.dot
+# tiles); 0 = use the per-query kernel for that value width. The interpreter ignores 0s, so
+# that the CPU suite always checks the group kernels.
 TUNING_GROUP: dict[tuple[str, int], int] = {
-    ("fwd", 4): 4, ("fwd", 2): 4, ("bwd_q", 4): 4, ("bwd_q", 2): 4,
+    ("fwd", 4): 4, ("fwd", 2): 1, ("bwd_q", 4): 4, ("bwd_q", 2): 2,
 }
+# input_precision of tl.dot on float32 operands in the group kernels: "ieee" is exact
+# float32 arithmetic (FMA units), "tf32x3" three tensor-core products of split operands.
+_FP32_DOT = "ieee"
 
 
 def _interpreter_numpy_shim() -> None:
@@ -242,8 +247,8 @@ def _reverse_map(member_idx: torch.Tensor, mask: torch.Tensor | None, n_keys: in
 
 
 @triton.jit
-def _key_count_kernel(IDX, MASK, COUNT, NM, NK, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """COUNT[b, key] += 1 for every valid slot (integer atomics: exact in any order)."""
+def _block_keys(IDX, MASK, NM, NK, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """(batch, flat slots, their keys, which of them count) of this program's BLOCK slots."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     b = tl.program_id(1).to(tl.int64)
     ok = offs < NM
@@ -251,7 +256,13 @@ def _key_count_kernel(IDX, MASK, COUNT, NM, NK, HAS_MASK: tl.constexpr, BLOCK: t
     if HAS_MASK:
         ok = ok & (tl.load(MASK + b * NM + offs, mask=ok, other=0) != 0)
     # Unchecked indices (check_indices=False) must not turn into stray writes.
-    ok = ok & (key >= 0) & (key < NK)
+    return b, offs, key, ok & (key >= 0) & (key < NK)
+
+
+@triton.jit
+def _key_count_kernel(IDX, MASK, COUNT, NM, NK, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """COUNT[b, key] += 1 for every valid slot (integer atomics: exact in any order)."""
+    b, _offs, key, ok = _block_keys(IDX, MASK, NM, NK, HAS_MASK, BLOCK)
     # Relaxed: only the totals matter, read after the kernel (triton's default, acq_rel,
     # orders every atomic against other memory traffic).
     tl.atomic_add(COUNT + b * NK + key, 1, mask=ok, sem="relaxed")
@@ -261,13 +272,7 @@ def _key_count_kernel(IDX, MASK, COUNT, NM, NK, HAS_MASK: tl.constexpr, BLOCK: t
 def _key_fill_kernel(IDX, MASK, CURSOR, PERM, NM, NK, HAS_MASK: tl.constexpr,
                      BLOCK: tl.constexpr):
     """PERM[b, CURSOR[b, key]++] = slot: each slot takes the next free place of its key."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    b = tl.program_id(1).to(tl.int64)
-    ok = offs < NM
-    key = tl.load(IDX + b * NM + offs, mask=ok, other=0)
-    if HAS_MASK:
-        ok = ok & (tl.load(MASK + b * NM + offs, mask=ok, other=0) != 0)
-    ok = ok & (key >= 0) & (key < NK)
+    b, offs, key, ok = _block_keys(IDX, MASK, NM, NK, HAS_MASK, BLOCK)
     pos = tl.atomic_add(CURSOR + b * NK + key, 1, mask=ok, sem="relaxed")
     tl.store(PERM + b * NM + pos, offs, mask=ok)
 
@@ -432,14 +437,14 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _mma(a, b, UPCAST: tl.constexpr):
-    """a @ b with a float32 (or float64) result; ieee keeps float32 exact (no tf32) and
-    16-bit products are exact in float32. UPCAST: Triton's CPU interpreter multiplies
-    bfloat16 operands as their raw 16-bit integers, so there they go through float32
-    (the same values, exactly)."""
+def _mma(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """a @ b with a float32 (or float64) result. 16-bit products are exact in float32;
+    PREC says how float32 operands are multiplied (see _FP32_DOT). UPCAST: Triton's CPU
+    interpreter multiplies bfloat16 operands as their raw 16-bit integers, so there they
+    go through float32 (the same values, exactly)."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -470,7 +475,8 @@ def _attn_fwd_cluster_kernel(
     H, N, M, D, scale_hi, scale_lo, HPG, NHG,
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BLANK: tl.constexpr,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    GEN_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    GEN_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """One program per GROUP consecutive queries. AFF gives all tokens of a cluster the
     same key list, so the group's keys and values are gathered once as [BLOCK_M, BLOCK_D]
@@ -504,7 +510,7 @@ def _attn_fwd_cluster_kernel(
                         other=0.0)
             k = tl.load(K + h * skh + lead[:, None] * skn + offs_d[None, :], mask=kv_ok,
                         other=0.0)
-            s = _mma(q, tl.trans(k), UPCAST).to(ACC)
+            s = _mma(q, tl.trans(k), UPCAST, PREC).to(ACC)
             s = s * scale_hi + s * scale_lo
             if HAS_PE:
                 s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
@@ -525,9 +531,9 @@ def _attn_fwd_cluster_kernel(
                 # ~16 significant bits of p where one cast would keep 8 (bf16).
                 p_hi = p.to(v.dtype)
                 p_lo = (p - p_hi.to(ACC)).to(v.dtype)
-                acc = _mma(p_hi, v, UPCAST) + _mma(p_lo, v, UPCAST)
+                acc = _mma(p_hi, v, UPCAST, PREC) + _mma(p_lo, v, UPCAST, PREC)
             else:
-                acc = _mma(p, v, UPCAST).to(ACC)
+                acc = _mma(p, v, UPCAST, PREC).to(ACC)
             if HAS_BLANK:
                 bv = tl.load(BV + h * sbvh + offs_d, mask=d_ok, other=0.0).to(ACC)
                 pb = tl.exp(sb - m_use)
@@ -552,25 +558,35 @@ _GROUP_ROWS = 16
 _GROUP_TILE = 8192
 
 
-def _dot_flags(dtype: torch.dtype) -> dict:
-    return dict(SPLIT=dtype in (torch.float16, torch.bfloat16),
-                UPCAST=_INTERPRET and dtype == torch.bfloat16)
+def _dot_flags(dtype: torch.dtype, kind: str) -> dict:
+    # The forward splits p (in [0, 1]) for both 16-bit types; the backward splits ds only
+    # for bfloat16: float16 parts would flush small ds to zero, so there ds @ k runs on
+    # float32 operands.
+    split = dtype == torch.bfloat16 or (kind == "fwd" and dtype == torch.float16)
+    return dict(SPLIT=split, UPCAST=_INTERPRET and dtype == torch.bfloat16,
+                PREC=_FP32_DOT if dtype in (torch.float32, torch.float16) else "ieee")
 
 
 def _group_blocks(D: int, M: int, dtype: torch.dtype, kind: str):
     """(BLOCK_M, BLOCK_D, fallback slots per chunk, num_warps) of a group-shared kernel, or
-    None when the key list is too long for one tile."""
+    None for the per-query kernel: key list too long for one tile, the group kernel off in
+    TUNING_GROUP for this dtype, or float64 on a GPU (Triton has no float64 tl.dot there;
+    the interpreter runs it, which is how the suite checks the group kernels in float64)."""
     block_m, block_d = max(16, _np2(M)), max(16, _np2(D))
     if block_m * block_d > _GROUP_TILE // (2 if dtype == torch.float64 else 1):
         return None
+    if dtype == torch.float64 and not _INTERPRET:
+        return None
     width = 2 if dtype in (torch.float16, torch.bfloat16) else 4
+    if not TUNING_GROUP[kind, width] and not _INTERPRET:
+        return None
     _rows, max_slots, budget, _w = TUNING[kind, width]
     if dtype == torch.float64:
         budget //= 2
     if _INTERPRET:
         max_slots, budget = 32, 1 << 16
     gen_m = min(_np2(M), max(1, min(max_slots, budget // (_GROUP * block_d))))
-    return block_m, block_d, gen_m, TUNING_GROUP[kind, width]
+    return block_m, block_d, gen_m, TUNING_GROUP[kind, width] or 4
 
 
 def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale):
@@ -603,7 +619,7 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
             hpg, nhg = _head_groups(n_blocks, B, H, q.device)
             _attn_fwd_cluster_kernel[(n_blocks, B * nhg)](
                 *args, H, N, M, D, hi, lo, hpg, nhg, **flags, GROUP=_GROUP, ROWS=_GROUP_ROWS,
-                BLOCK_M=BM, BLOCK_D=BD, GEN_M=GM, **_dot_flags(q.dtype), num_warps=warps,
+                BLOCK_M=BM, BLOCK_D=BD, GEN_M=GM, **_dot_flags(q.dtype, "fwd"), num_warps=warps,
             )
         else:
             BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "fwd")
@@ -767,7 +783,7 @@ def _attn_bwd_q_cluster_kernel(
     HAS_PE: tl.constexpr, DPE_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_BLANK: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, GEN_M: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
 ):
     """The query side with one program per GROUP queries, as _attn_fwd_cluster_kernel:
     a group sharing one key list gathers its key and value tiles once and uses tl.dot;
@@ -812,21 +828,21 @@ def _attn_bwd_q_cluster_kernel(
                         other=0.0)
             v = tl.load(V + h * svh + lead[:, None] * svn + offs_d[None, :], mask=kv_ok,
                         other=0.0)
-            s = _mma(q, tl.trans(k), UPCAST).to(ACC)
+            s = _mma(q, tl.trans(k), UPCAST, PREC).to(ACC)
             s = s * scale_hi + s * scale_lo
             if HAS_PE:
                 s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
             p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-            dp = _mma(do, tl.trans(v), UPCAST).to(ACC)
+            dp = _mma(do, tl.trans(v), UPCAST, PREC).to(ACC)
             ds = p * (dp - delta[:, None])
             if SPLIT:
                 # bfloat16 has float32's range, so hi + lo parts lose only low bits.
                 ds_hi = ds.to(k.dtype)
                 ds_lo = (ds - ds_hi.to(ACC)).to(k.dtype)
-                dq += _mma(ds_hi, k, UPCAST) + _mma(ds_lo, k, UPCAST)
+                dq += _mma(ds_hi, k, UPCAST, PREC) + _mma(ds_lo, k, UPCAST, PREC)
             else:
                 # float16 parts would flush small ds to zero: its product runs in float32.
-                dq += _mma(ds, k.to(ACC), False).to(ACC)
+                dq += _mma(ds, k.to(ACC), False, PREC).to(ACC)
             _bwd_q_dpe(DPE, DSBUF, ds, pe, ok, off, h, rep, H, T, DPE_MODE)
             dq = dq * scale_hi + dq * scale_lo
             tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
@@ -1028,8 +1044,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             BM, BD, GM, warps = grouped
             _attn_bwd_q_cluster_kernel[(n_qblocks, B * nhg)](
                 *args, **flags, GROUP=_GROUP, ROWS=_GROUP_ROWS, BLOCK_M=BM, BLOCK_D=BD,
-                GEN_M=GM, SPLIT=q.dtype == torch.bfloat16,
-                UPCAST=_dot_flags(q.dtype)["UPCAST"], num_warps=warps,
+                GEN_M=GM, **_dot_flags(q.dtype, "bwd_q"), num_warps=warps,
             )
         else:
             _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
