@@ -2,10 +2,13 @@
 
 Sections: helpers / forward / backward / weighted features / registration.
 
-Cluster attention is a batched gather-GEMV (every query has its own key list), so the
-kernels use elementwise-product-and-reduce tiles ``[rows, slots, BLOCK_D]`` instead of
-``tl.dot``: the result is exact float32 (no tf32), the code is the same for float64, and
-the op is bound by the gathers' memory traffic, not by arithmetic.
+Cluster attention is a batched gather-GEMV (every query may have its own key list), so the
+per-query kernels use elementwise-product-and-reduce tiles ``[rows, slots, BLOCK_D]``
+instead of ``tl.dot``: exact float32 (no tf32), the same code for float64. In AFF the 8
+tokens of a cluster share one key list; the group forward (one program per 8 queries)
+checks that at run time and then gathers the group's keys and values once and multiplies
+with ``tl.dot`` (16-bit forwards on the GPU, see ``TUNING_GROUP``), falling back to the
+per-query code for any group that does not share its list.
 
 Determinism: the forward, dq and the blank gradients never use atomics, so they are
 bitwise reproducible in both modes. With ``deterministic`` False the backward takes two
@@ -62,15 +65,13 @@ TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
     ("bwd_kv", 4): (8, 32, 1024, 1),
     ("bwd_kv", 2): (8, 32, 1024, 1),
 }
-# num_warps of the group-shared kernels (one cluster of queries per program, tl.dot
-# tiles); 0 = use the per-query kernel for that value width. The interpreter ignores 0s, so
-# that the CPU suite always checks the group kernels.
-TUNING_GROUP: dict[tuple[str, int], int] = {
-    ("fwd", 4): 4, ("fwd", 2): 1, ("bwd_q", 4): 4, ("bwd_q", 2): 2,
-}
-# input_precision of tl.dot on float32 operands in the group kernels: "ieee" is exact
-# float32 arithmetic (FMA units), "tf32x3" three tensor-core products of split operands.
-_FP32_DOT = "ieee"
+# num_warps of the group-shared forward (one cluster of queries per program, tl.dot
+# tiles) per value width; 0 = the per-query forward. On the H100 at affmae_stage1 the group
+# kernel takes 16-bit forwards from 0.367 to 0.255 ms, but float32 from 0.54 to >= 1.04 ms
+# (ieee) or 0.58 (tf32x3): float32 tl.dot runs on FMA units through shared-memory layouts
+# (benchmarks/results/tune-group-*.log). The interpreter ignores the 0, so that the CPU
+# suite checks the group kernel in every dtype.
+TUNING_GROUP: dict[tuple[str, int], int] = {("fwd", 4): 0, ("fwd", 2): 1}
 
 
 def _interpreter_numpy_shim() -> None:
@@ -437,14 +438,14 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _mma(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """a @ b with a float32 (or float64) result. 16-bit products are exact in float32;
-    PREC says how float32 operands are multiplied (see _FP32_DOT). UPCAST: Triton's CPU
-    interpreter multiplies bfloat16 operands as their raw 16-bit integers, so there they
-    go through float32 (the same values, exactly)."""
+def _mma(a, b, UPCAST: tl.constexpr):
+    """a @ b with a float32 (or float64) result; ieee keeps float32 exact (no tf32) and
+    16-bit products are exact in float32. UPCAST: Triton's CPU interpreter multiplies
+    bfloat16 operands as their raw 16-bit integers, so there they go through float32
+    (the same values, exactly)."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
-    return tl.dot(a, b, input_precision=PREC)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision="ieee")
 
 
 @triton.jit
@@ -475,8 +476,7 @@ def _attn_fwd_cluster_kernel(
     H, N, M, D, scale_hi, scale_lo, HPG, NHG,
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BLANK: tl.constexpr,
     GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    GEN_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-    ACC: tl.constexpr,
+    GEN_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):
     """One program per GROUP consecutive queries. AFF gives all tokens of a cluster the
     same key list, so the group's keys and values are gathered once as [BLOCK_M, BLOCK_D]
@@ -510,7 +510,7 @@ def _attn_fwd_cluster_kernel(
                         other=0.0)
             k = tl.load(K + h * skh + lead[:, None] * skn + offs_d[None, :], mask=kv_ok,
                         other=0.0)
-            s = _mma(q, tl.trans(k), UPCAST, PREC).to(ACC)
+            s = _mma(q, tl.trans(k), UPCAST).to(ACC)
             s = s * scale_hi + s * scale_lo
             if HAS_PE:
                 s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
@@ -531,9 +531,9 @@ def _attn_fwd_cluster_kernel(
                 # ~16 significant bits of p where one cast would keep 8 (bf16).
                 p_hi = p.to(v.dtype)
                 p_lo = (p - p_hi.to(ACC)).to(v.dtype)
-                acc = _mma(p_hi, v, UPCAST, PREC) + _mma(p_lo, v, UPCAST, PREC)
+                acc = _mma(p_hi, v, UPCAST) + _mma(p_lo, v, UPCAST)
             else:
-                acc = _mma(p, v, UPCAST, PREC).to(ACC)
+                acc = _mma(p, v, UPCAST).to(ACC)
             if HAS_BLANK:
                 bv = tl.load(BV + h * sbvh + offs_d, mask=d_ok, other=0.0).to(ACC)
                 pb = tl.exp(sb - m_use)
@@ -558,13 +558,9 @@ _GROUP_ROWS = 16
 _GROUP_TILE = 8192
 
 
-def _dot_flags(dtype: torch.dtype, kind: str) -> dict:
-    # The forward splits p (in [0, 1]) for both 16-bit types; the backward splits ds only
-    # for bfloat16: float16 parts would flush small ds to zero, so there ds @ k runs on
-    # float32 operands.
-    split = dtype == torch.bfloat16 or (kind == "fwd" and dtype == torch.float16)
-    return dict(SPLIT=split, UPCAST=_INTERPRET and dtype == torch.bfloat16,
-                PREC=_FP32_DOT if dtype in (torch.float32, torch.float16) else "ieee")
+def _dot_flags(dtype: torch.dtype) -> dict:
+    return dict(SPLIT=dtype in (torch.float16, torch.bfloat16),
+                UPCAST=_INTERPRET and dtype == torch.bfloat16)
 
 
 def _group_blocks(D: int, M: int, dtype: torch.dtype, kind: str):
@@ -619,7 +615,7 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
             hpg, nhg = _head_groups(n_blocks, B, H, q.device)
             _attn_fwd_cluster_kernel[(n_blocks, B * nhg)](
                 *args, H, N, M, D, hi, lo, hpg, nhg, **flags, GROUP=_GROUP, ROWS=_GROUP_ROWS,
-                BLOCK_M=BM, BLOCK_D=BD, GEN_M=GM, **_dot_flags(q.dtype, "fwd"), num_warps=warps,
+                BLOCK_M=BM, BLOCK_D=BD, GEN_M=GM, **_dot_flags(q.dtype), num_warps=warps,
             )
         else:
             BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "fwd")
@@ -632,91 +628,6 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
 
 
 # =========================================================================== backward
-
-
-@triton.jit
-def _bwd_q_rows(
-    Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV, DPE, DSBUF,
-    DBK_PART, DBV_PART, h, lin, rep, offs_q, q_ok, row_off, idx0, pe0, ok0, off0,
-    sqh, sqn, skh, skn, svh, svn, soh, son, sdoh, sdon, spet, speh, sbkh, sbvh,
-    H, N, M, D, T, scale_hi, scale_lo,
-    HAS_PE: tl.constexpr, DPE_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_BLANK: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-):
-    """Head ``h`` of a row block, each query gathering its own keys (any member_idx)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    qd_ok = q_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
-                other=0.0).to(ACC)
-    qs = q * scale_hi + q * scale_lo
-    do = tl.load(DO + h * sdoh + offs_q[:, None] * sdon + offs_d[None, :], mask=qd_ok,
-                 other=0.0).to(ACC)
-    delta, lse, dq = _bwd_q_start(O, LSE, DELTA, BK, BV, DBK_PART, DBV_PART, h, lin, offs_q,
-                                  q_ok, qs, do, soh, son, sbkh, sbvh, H, N, D, HAS_BLANK,
-                                  BLOCK_Q, BLOCK_D, ACC)
-    for m0 in range(0, M, BLOCK_M):
-        if ONE_CHUNK:
-            idx, pe, ok, off = idx0, pe0, ok0, off0
-        else:
-            idx, pe, ok, off = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
-                                           HAS_PE, HAS_MASK, BLOCK_M)
-        kd_ok = ok[:, :, None] & d_ok[None, None, :]
-        kt = tl.load(K + h * skh + idx[:, :, None] * skn + offs_d[None, None, :],
-                     mask=kd_ok, other=0.0).to(ACC)
-        s = tl.sum(qs[:, None, :] * kt, 2)
-        if HAS_PE:
-            s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
-        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-        vt = tl.load(V + h * svh + idx[:, :, None] * svn + offs_d[None, None, :],
-                     mask=kd_ok, other=0.0).to(ACC)
-        dp = tl.sum(do[:, None, :] * vt, 2)
-        ds = p * (dp - delta[:, None])
-        dq += tl.sum(ds[:, :, None] * kt, 1)
-        _bwd_q_dpe(DPE, DSBUF, ds, pe, ok, off, h, rep, H, T, DPE_MODE)
-    dq = dq * scale_hi + dq * scale_lo
-    tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=qd_ok)
-
-
-@triton.jit
-def _bwd_q_start(O, LSE, DELTA, BK, BV, DBK_PART, DBV_PART, h, lin, offs_q, q_ok, qs, do,
-                 soh, son, sbkh, sbvh, H, N, D, HAS_BLANK: tl.constexpr,
-                 BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-    """Delta (stored), lse, and dq's blank term; the blank's partial sums are stored."""
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    o = tl.load(O + h * soh + offs_q[:, None] * son + offs_d[None, :],
-                mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(ACC)
-    # O already holds the blank's share, so this is the full sum_j p_j dp_j.
-    delta = tl.sum(do * o, 1)
-    tl.store(DELTA + h * N + offs_q, delta, mask=q_ok)
-    lse = tl.load(LSE + h * N + offs_q, mask=q_ok, other=float("inf"))
-    dq = tl.zeros([BLOCK_Q, BLOCK_D], ACC)
-    if HAS_BLANK:
-        bk = tl.load(BK + h * sbkh + offs_d, mask=d_ok, other=0.0).to(ACC)
-        bv = tl.load(BV + h * sbvh + offs_d, mask=d_ok, other=0.0).to(ACC)
-        pb = tl.exp(tl.sum(qs * bk[None, :], 1) - lse)
-        pb = tl.where(q_ok, pb, 0.0)
-        dsb = pb * (tl.sum(do * bv[None, :], 1) - delta)
-        dq += dsb[:, None] * bk[None, :]
-        # Per-program partial sums, added up in torch: fixed order, no atomics.
-        dbk = tl.sum(dsb[:, None] * qs, 0)
-        dbv = tl.sum(pb[:, None] * do, 0)
-        tl.store(DBK_PART + (lin * H + h) * D + offs_d, dbk, mask=d_ok)
-        tl.store(DBV_PART + (lin * H + h) * D + offs_d, dbv, mask=d_ok)
-    return delta, lse, dq
-
-
-@triton.jit
-def _bwd_q_dpe(DPE, DSBUF, ds, pe, ok, off, h, rep, H, T, DPE_MODE: tl.constexpr):
-    if DPE_MODE == 1:
-        # Relaxed: the sums are read only after the kernel; acq_rel (triton's default)
-        # would order each of these against the program's other accesses.
-        tl.atomic_add(DPE + (rep * T + pe) * H + h, ds, mask=ok, sem="relaxed")
-    if DPE_MODE == 2:
-        tl.store(DSBUF + off * H + h, ds, mask=ok)
 
 
 @triton.jit
@@ -747,6 +658,9 @@ def _attn_bwd_q_kernel(
     rep = lin % R
     offs_q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_ok = offs_q < N
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qd_ok = q_ok[:, None] & d_ok[None, :]
     row_off = offs_q * M
     IDX += b * N * M
     PEIDX += b * N * M
@@ -761,101 +675,62 @@ def _attn_bwd_q_kernel(
     LSE += b * H * N
     DELTA += b * H * N
 
-    idx0, pe0, ok0, off0 = 0, 0, 0, 0
     if ONE_CHUNK:
         idx0, pe0, ok0, off0 = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M,
                                            HAS_PE, HAS_MASK, BLOCK_M)
+
     for h in range(h_lo, h_hi):
-        _bwd_q_rows(Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV, DPE, DSBUF,
-                    DBK_PART, DBV_PART, h, lin, rep, offs_q, q_ok, row_off, idx0, pe0, ok0,
-                    off0, sqh, sqn, skh, skn, svh, svn, soh, son, sdoh, sdon, spet, speh,
-                    sbkh, sbvh, H, N, M, D, T, scale_hi, scale_lo, HAS_PE, DPE_MODE, HAS_MASK,
-                    HAS_BLANK, ONE_CHUNK, BLOCK_Q, BLOCK_M, BLOCK_D, ACC)
-
-
-@triton.jit
-def _attn_bwd_q_cluster_kernel(
-    Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV,
-    DPE, DSBUF, DBK_PART, DBV_PART,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
-    spet, speh, sbkh, sbvh,
-    H, N, M, D, T, R, scale_hi, scale_lo, HPG, NHG,
-    HAS_PE: tl.constexpr, DPE_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_BLANK: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, GEN_M: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-):
-    """The query side with one program per GROUP queries, as _attn_fwd_cluster_kernel:
-    a group sharing one key list gathers its key and value tiles once and uses tl.dot;
-    any other group takes the per-query path (_bwd_q_rows)."""
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // NHG).to(tl.int64)
-    h_lo = (pid_bh % NHG) * HPG
-    h_hi = tl.minimum(h_lo + HPG, H)
-    lin = b * tl.num_programs(0) + pid
-    rep = lin % R
-    IDX += b * N * M
-    PEIDX += b * N * M
-    MASK += b * N * M
-    DSBUF += b * N * M * H
-    Q += b * sqb
-    K += b * skb
-    V += b * svb
-    O += b * sob
-    DO += b * sdob
-    DQ += b * H * N * D
-    LSE += b * H * N
-    DELTA += b * H * N
-    offs_q, q_ok, row_off, idx, pe, ok, off, lead, live, shared = _group_slots(
-        IDX, PEIDX, MASK, pid, N, M, HAS_PE, HAS_MASK, GROUP, ROWS, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    qd_ok = q_ok[:, None] & d_ok[None, :]
-    kv_ok = live[:, None] & d_ok[None, :]
-    if shared:
-        for h in range(h_lo, h_hi):
-            q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
-                        other=0.0)
-            do = tl.load(DO + h * sdoh + offs_q[:, None] * sdon + offs_d[None, :],
-                         mask=qd_ok, other=0.0)
-            qa = q.to(ACC)
-            qs = qa * scale_hi + qa * scale_lo
-            delta, lse, dq = _bwd_q_start(O, LSE, DELTA, BK, BV, DBK_PART, DBV_PART, h, lin,
-                                          offs_q, q_ok, qs, do.to(ACC), soh, son, sbkh, sbvh,
-                                          H, N, D, HAS_BLANK, ROWS, BLOCK_D, ACC)
-            k = tl.load(K + h * skh + lead[:, None] * skn + offs_d[None, :], mask=kv_ok,
-                        other=0.0)
-            v = tl.load(V + h * svh + lead[:, None] * svn + offs_d[None, :], mask=kv_ok,
-                        other=0.0)
-            s = _mma(q, tl.trans(k), UPCAST, PREC).to(ACC)
-            s = s * scale_hi + s * scale_lo
+        q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
+                    other=0.0).to(ACC)
+        qs = q * scale_hi + q * scale_lo
+        do = tl.load(DO + h * sdoh + offs_q[:, None] * sdon + offs_d[None, :], mask=qd_ok,
+                     other=0.0).to(ACC)
+        o = tl.load(O + h * soh + offs_q[:, None] * son + offs_d[None, :], mask=qd_ok,
+                    other=0.0).to(ACC)
+        # O already holds the blank's share, so this is the full sum_j p_j dp_j.
+        delta = tl.sum(do * o, 1)
+        tl.store(DELTA + h * N + offs_q, delta, mask=q_ok)
+        lse = tl.load(LSE + h * N + offs_q, mask=q_ok, other=float("inf"))
+        dq = tl.zeros([BLOCK_Q, BLOCK_D], ACC)
+        if HAS_BLANK:
+            bk = tl.load(BK + h * sbkh + offs_d, mask=d_ok, other=0.0).to(ACC)
+            bv = tl.load(BV + h * sbvh + offs_d, mask=d_ok, other=0.0).to(ACC)
+            pb = tl.exp(tl.sum(qs * bk[None, :], 1) - lse)
+            pb = tl.where(q_ok, pb, 0.0)
+            dsb = pb * (tl.sum(do * bv[None, :], 1) - delta)
+            dq += dsb[:, None] * bk[None, :]
+            # Per-program partial sums, added up in torch: fixed order, no atomics.
+            dbk = tl.sum(dsb[:, None] * qs, 0)
+            dbv = tl.sum(pb[:, None] * do, 0)
+            tl.store(DBK_PART + (lin * H + h) * D + offs_d, dbk, mask=d_ok)
+            tl.store(DBV_PART + (lin * H + h) * D + offs_d, dbv, mask=d_ok)
+        for m0 in range(0, M, BLOCK_M):
+            if ONE_CHUNK:
+                idx, pe, ok, off = idx0, pe0, ok0, off0
+            else:
+                idx, pe, ok, off = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
+                                               HAS_PE, HAS_MASK, BLOCK_M)
+            kd_ok = ok[:, :, None] & d_ok[None, None, :]
+            kt = tl.load(K + h * skh + idx[:, :, None] * skn + offs_d[None, None, :],
+                         mask=kd_ok, other=0.0).to(ACC)
+            s = tl.sum(qs[:, None, :] * kt, 2)
             if HAS_PE:
                 s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
             p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-            dp = _mma(do, tl.trans(v), UPCAST, PREC).to(ACC)
+            vt = tl.load(V + h * svh + idx[:, :, None] * svn + offs_d[None, None, :],
+                         mask=kd_ok, other=0.0).to(ACC)
+            dp = tl.sum(do[:, None, :] * vt, 2)
             ds = p * (dp - delta[:, None])
-            if SPLIT:
-                # bfloat16 has float32's range, so hi + lo parts lose only low bits.
-                ds_hi = ds.to(k.dtype)
-                ds_lo = (ds - ds_hi.to(ACC)).to(k.dtype)
-                dq += _mma(ds_hi, k, UPCAST, PREC) + _mma(ds_lo, k, UPCAST, PREC)
-            else:
-                # float16 parts would flush small ds to zero: its product runs in float32.
-                dq += _mma(ds, k.to(ACC), False, PREC).to(ACC)
-            _bwd_q_dpe(DPE, DSBUF, ds, pe, ok, off, h, rep, H, T, DPE_MODE)
-            dq = dq * scale_hi + dq * scale_lo
-            tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
-                     dq.to(DQ.dtype.element_ty), mask=qd_ok)
-    else:
-        offs_g = pid * GROUP + tl.arange(0, GROUP)
-        g_ok = offs_g < N
-        for h in range(h_lo, h_hi):
-            _bwd_q_rows(Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV, DPE,
-                        DSBUF, DBK_PART, DBV_PART, h, lin, rep, offs_g, g_ok, offs_g * M,
-                        0, 0, 0, 0, sqh, sqn, skh, skn, svh, svn, soh, son, sdoh, sdon, spet,
-                        speh, sbkh, sbvh, H, N, M, D, T, scale_hi, scale_lo, HAS_PE, DPE_MODE,
-                        HAS_MASK, HAS_BLANK, False, GROUP, GEN_M, BLOCK_D, ACC)
+            dq += tl.sum(ds[:, :, None] * kt, 1)
+            if DPE_MODE == 1:
+                # Relaxed: the sums are read only after the kernel; acq_rel (triton's
+                # default) would order each of these against the program's other accesses.
+                tl.atomic_add(DPE + (rep * T + pe) * H + h, ds, mask=ok, sem="relaxed")
+            if DPE_MODE == 2:
+                tl.store(DSBUF + off * H + h, ds, mask=ok)
+        dq = dq * scale_hi + dq * scale_lo
+        tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=qd_ok)
 
 
 @triton.jit
@@ -999,13 +874,9 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     mask_u8 = mask_b.view(torch.uint8) if has_mask else idx
     bk = _lastdim_unit(blank_k) if has_blank else q
     bv = _lastdim_unit(blank_v) if has_blank else q
+    BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "bwd_q")
     hi, lo = _split_scale(scale)
-    grouped = _group_blocks(D, M, q.dtype, "bwd_q")
-    if grouped is not None:
-        n_qblocks = triton.cdiv(N, _GROUP)
-    else:
-        BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "bwd_q")
-        n_qblocks = triton.cdiv(N, BQ)
+    n_qblocks = triton.cdiv(N, BQ)
     hpg, nhg = _head_groups(n_qblocks, B, H, dev)
 
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=dev)
@@ -1026,31 +897,21 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         dbv_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
     else:
         dbk_part = dbv_part = delta
-    args = (
-        q, k, v, out, dout, lse, delta, dq, idx, pe_idx, mask_u8, pe_t, bk, bv,
-        dpe if dpe is not None else delta, dsbuf if dsbuf is not None else delta,
-        dbk_part, dbv_part,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
-        bk.stride(0) if has_blank else 0, bv.stride(0) if has_blank else 0,
-        H, N, M, D, pe_table.shape[0] if has_pe else 0, n_rep, hi, lo, hpg, nhg,
-    )
-    flags = dict(HAS_PE=has_pe, DPE_MODE=dpe_mode, HAS_MASK=has_mask, HAS_BLANK=has_blank,
-                 ACC=_tl_acc(q.dtype))
     with _device_guard(q):
-        if grouped is not None:
-            BM, BD, GM, warps = grouped
-            _attn_bwd_q_cluster_kernel[(n_qblocks, B * nhg)](
-                *args, **flags, GROUP=_GROUP, ROWS=_GROUP_ROWS, BLOCK_M=BM, BLOCK_D=BD,
-                GEN_M=GM, **_dot_flags(q.dtype, "bwd_q"), num_warps=warps,
-            )
-        else:
-            _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
-                *args, **flags, ONE_CHUNK=BM >= M, BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD,
-                num_warps=warps,
-            )
+        _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
+            q, k, v, out, dout, lse, delta, dq, idx, pe_idx, mask_u8, pe_t, bk, bv,
+            dpe if dpe is not None else delta, dsbuf if dsbuf is not None else delta,
+            dbk_part, dbv_part,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
+            bk.stride(0) if has_blank else 0, bv.stride(0) if has_blank else 0,
+            H, N, M, D, pe_table.shape[0] if has_pe else 0, n_rep, hi, lo, hpg, nhg,
+            HAS_PE=has_pe, DPE_MODE=dpe_mode, HAS_MASK=has_mask, HAS_BLANK=has_blank,
+            ONE_CHUNK=BM >= M, BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, ACC=_tl_acc(q.dtype),
+            num_warps=warps,
+        )
 
         if compute_kv:
             dk = torch.empty((B, H, N, D), dtype=k.dtype, device=dev)
@@ -1059,7 +920,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                 perm, ptr = _reverse_map(idx, mask_b, N)
             else:
                 perm, ptr = _reverse_map_counting(idx, mask_u8 if has_mask else None, N)
-            BK_, BE, KBD, kv_warps = _attn_blocks(D, M, q.dtype, "bwd_kv")
+            BK_, BE, _, kv_warps = _attn_blocks(D, M, q.dtype, "bwd_kv")
             kv_hpg, kv_nhg = _head_groups(triton.cdiv(N, BK_), B, H, dev)
             _attn_bwd_kv_kernel[(triton.cdiv(N, BK_), B * kv_nhg)](
                 q, k, v, dout, lse, delta, dk, dv, perm, ptr, pe_idx, pe_t,
@@ -1068,7 +929,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                 dout.stride(0), dout.stride(1), dout.stride(2),
                 pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
                 H, N, M, D, hi, lo, kv_hpg, kv_nhg,
-                HAS_PE=has_pe, BLOCK_K=BK_, BLOCK_E=BE, BLOCK_D=KBD, ACC=_tl_acc(q.dtype),
+                HAS_PE=has_pe, BLOCK_K=BK_, BLOCK_E=BE, BLOCK_D=BD, ACC=_tl_acc(q.dtype),
                 num_warps=kv_warps,
             )
         else:

@@ -174,9 +174,9 @@ def test_gradcheck_fp64(flags, deterministic):
                                     nondet_tol=nondet)
 
 
-# Queries sharing key lists in groups of 8 (AFF's clusters) take the group kernel's tl.dot
-# path for dq / Delta / d_pe / the blank; stray_every=2 sends every other group down the
-# per-query path of the same launch.
+# Queries sharing key lists in groups of 8 (AFF's clusters): the forward's group kernel
+# (tl.dot path) saves the out / lse the backward reads; stray_every=2 sends every other
+# group down the per-query path of the same launch.
 GROUP_SHAPES = SHAPES[:3] + [pytest.param((2, 2, 64, 16, 64), id="n64_h2_d16_m64")]
 STRAYS = [pytest.param(0, id="shared"), pytest.param(2, id="strays")]
 

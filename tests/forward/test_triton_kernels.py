@@ -233,6 +233,17 @@ def test_group_shared_lists_fp32(shape, flags, stray_every):
     assert_close(run_triton(cast(case, torch.float32)), run_reference(case), 1e-4, "out")
 
 
+@pytest.mark.parametrize("shape", GROUP_SHAPES[:3])
+def test_per_query_kernel_on_shared_lists(shape, monkeypatch):
+    # The GPU's float32 / float64 forwards run the per-query kernel; the interpreter would
+    # take the group kernel here, so it is switched off.
+    B, H, N, D, M = shape
+    case = make_case(B, H, N, D, M, seed=25, group=8, device=_DEV)
+    monkeypatch.setattr(tk, "_GROUP_TILE", 0)
+    assert tk._group_blocks(D, M, torch.float32, "fwd") is None
+    assert_close(run_triton(cast(case, torch.float32)), run_reference(case), 1e-4, "out")
+
+
 @pytest.mark.parametrize("stray_every", STRAYS)
 def test_group_shared_lists_fp64(stray_every):
     case = make_case(2, 3, 61, 12, 24, seed=21, empty_rows=True, blank=False, group=8,
