@@ -69,7 +69,7 @@ TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
 # tiles) per value width; 0 = the per-query forward. On the H100 at affmae_stage1 the group
 # kernel takes 16-bit forwards from 0.367 to 0.255 ms, but float32 from 0.54 to >= 1.04 ms
 # (ieee) or 0.58 (tf32x3): float32 tl.dot runs on FMA units through shared-memory layouts
-# (benchmarks/results/tune-group-*.log). The interpreter ignores the 0, so that the CPU
+# (benchmarks/tune_group.py, results/tune-group-*.log). The interpreter ignores the 0, so the CPU
 # suite checks the group kernel in every dtype.
 TUNING_GROUP: dict[tuple[str, int], int] = {("fwd", 4): 0, ("fwd", 2): 1}
 
