@@ -71,9 +71,7 @@ TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
 # (ieee) or 0.58 (tf32x3): float32 tl.dot runs on FMA units through shared-memory layouts
 # (benchmarks/tune_group.py, results/tune-group-*.log). The interpreter ignores the 0, so the CPU
 # suite checks the group kernel in every dtype.
-TUNING_GROUP: dict[tuple[str, int], int] = {
-    ("fwd", 4): 0, ("fwd", 2): 1, ("bwd_kv", 4): 2, ("bwd_kv", 2): 2,
-}
+TUNING_GROUP: dict[tuple[str, int], int] = {("fwd", 4): 0, ("fwd", 2): 1}
 
 
 def _interpreter_numpy_shim() -> None:
@@ -250,15 +248,11 @@ def _reverse_map(member_idx: torch.Tensor, mask: torch.Tensor | None, n_keys: in
 
 
 @triton.jit
-def _block_keys(IDX, MASK, NEED, NM, NK, HAS_MASK: tl.constexpr, HAS_NEED: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """(batch, flat slots, their keys, which of them count) of this program's BLOCK slots.
-    HAS_NEED: batches whose NEED[b] is 0 count nothing (the group-level map serves them)."""
+def _block_keys(IDX, MASK, NM, NK, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """(batch, flat slots, their keys, which of them count) of this program's BLOCK slots."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     b = tl.program_id(1).to(tl.int64)
     ok = offs < NM
-    if HAS_NEED:
-        ok = ok & (tl.load(NEED + b) != 0)
     key = tl.load(IDX + b * NM + offs, mask=ok, other=0)
     if HAS_MASK:
         ok = ok & (tl.load(MASK + b * NM + offs, mask=ok, other=0) != 0)
@@ -267,20 +261,19 @@ def _block_keys(IDX, MASK, NEED, NM, NK, HAS_MASK: tl.constexpr, HAS_NEED: tl.co
 
 
 @triton.jit
-def _key_count_kernel(IDX, MASK, NEED, COUNT, NM, NK, HAS_MASK: tl.constexpr,
-                      HAS_NEED: tl.constexpr, BLOCK: tl.constexpr):
+def _key_count_kernel(IDX, MASK, COUNT, NM, NK, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
     """COUNT[b, key] += 1 for every valid slot (integer atomics: exact in any order)."""
-    b, _offs, key, ok = _block_keys(IDX, MASK, NEED, NM, NK, HAS_MASK, HAS_NEED, BLOCK)
+    b, _offs, key, ok = _block_keys(IDX, MASK, NM, NK, HAS_MASK, BLOCK)
     # Relaxed: only the totals matter, read after the kernel (triton's default, acq_rel,
     # orders every atomic against other memory traffic).
     tl.atomic_add(COUNT + b * NK + key, 1, mask=ok, sem="relaxed")
 
 
 @triton.jit
-def _key_fill_kernel(IDX, MASK, NEED, CURSOR, PERM, NM, NK, HAS_MASK: tl.constexpr,
-                     HAS_NEED: tl.constexpr, BLOCK: tl.constexpr):
+def _key_fill_kernel(IDX, MASK, CURSOR, PERM, NM, NK, HAS_MASK: tl.constexpr,
+                     BLOCK: tl.constexpr):
     """PERM[b, CURSOR[b, key]++] = slot: each slot takes the next free place of its key."""
-    b, offs, key, ok = _block_keys(IDX, MASK, NEED, NM, NK, HAS_MASK, HAS_NEED, BLOCK)
+    b, offs, key, ok = _block_keys(IDX, MASK, NM, NK, HAS_MASK, BLOCK)
     pos = tl.atomic_add(CURSOR + b * NK + key, 1, mask=ok, sem="relaxed")
     tl.store(PERM + b * NM + pos, offs, mask=ok)
 
@@ -289,14 +282,13 @@ _KEY_BLOCK = 1024
 
 
 def _reverse_map_counting(member_idx: torch.Tensor, mask_u8: torch.Tensor | None,
-                          n_keys: int, need: torch.Tensor | None = None):
+                          n_keys: int):
     """The CSR of :func:`_reverse_map` by a counting sort: same lists, but the order of
     the slots within a key's list follows the atomics, i.e. varies from run to run.
 
     Two passes over the B*N*M keys and no int64 or sort buffers: 0.23 ms against ~0.5 ms
     for the sort at affmae_stage1 on the H100, and the only large new buffer is perm.
     Masked slots are left out of every list (perm's tail past ptr[b, n_keys] is unused).
-    ``need`` [B] int32: batches where it is 0 get empty lists (no work for the kernels).
     """
     B, N, M = member_idx.shape
     NM = N * M
@@ -307,41 +299,14 @@ def _reverse_map_counting(member_idx: torch.Tensor, mask_u8: torch.Tensor | None
     masks = mask_u8 if has_mask else member_idx  # any tensor: unread without HAS_MASK
     grid = (triton.cdiv(NM, _KEY_BLOCK), B)
     with _device_guard(member_idx):
-        _key_count_kernel[grid](member_idx, masks, need if need is not None else count, count,
-                                NM, n_keys, HAS_MASK=has_mask, HAS_NEED=need is not None,
-                                BLOCK=_KEY_BLOCK)
+        _key_count_kernel[grid](member_idx, masks, count, NM, n_keys,
+                                HAS_MASK=has_mask, BLOCK=_KEY_BLOCK)
         ptr = torch.zeros((B, n_keys + 1), dtype=torch.int32, device=dev)
         torch.cumsum(count, dim=1, dtype=torch.int32, out=ptr[:, 1:])
         count.copy_(ptr[:, :-1])
-        _key_fill_kernel[grid](member_idx, masks, need if need is not None else count, count,
-                               perm, NM, n_keys, HAS_MASK=has_mask, HAS_NEED=need is not None,
-                               BLOCK=_KEY_BLOCK)
+        _key_fill_kernel[grid](member_idx, masks, count, perm, NM, n_keys,
+                               HAS_MASK=has_mask, BLOCK=_KEY_BLOCK)
     return perm, ptr
-
-
-def _group_reverse_map(member_idx: torch.Tensor, mask_u8: torch.Tensor | None, n_keys: int):
-    """The group-level reverse map of _group_key_kernel, as CSR: gperm [B, G * J] int32
-    lists, per key cluster, the (query group g, slot block j) pairs ``g * J + j`` that
-    name it (stable sort: fixed order, so both modes may use it), gptr [B, n_clusters + 1]
-    int32; and bad [B] int32, nonzero where batch b needs the token-level map instead.
-    G * J is N * M / 64 entries: a small sort next to the token-level map's."""
-    B, N, M = member_idx.shape
-    n_groups = triton.cdiv(N, _GROUP)
-    dev = member_idx.device
-    gkey = torch.empty((B, n_groups * (M // _GROUP)), dtype=_sort_key_dtype(n_groups),
-                       device=dev)
-    bad = torch.zeros(B, dtype=torch.int32, device=dev)
-    with _device_guard(member_idx):
-        _group_key_kernel[(n_groups, B)](
-            member_idx, mask_u8 if mask_u8 is not None else member_idx, gkey, bad, N, M,
-            n_groups, HAS_MASK=mask_u8 is not None, GROUP=_GROUP, BLOCK_M=_np2(M),
-            num_warps=_NUM_WARPS,
-        )
-    sorted_key, gperm = torch.sort(gkey, dim=1, stable=True)
-    bounds = torch.arange(n_groups + 1, device=dev, dtype=gkey.dtype)
-    gptr = torch.searchsorted(sorted_key, bounds.expand(B, n_groups + 1).contiguous(),
-                              out_int32=True)
-    return gperm.to(torch.int32).contiguous(), gptr.contiguous(), bad
 
 
 @triton.jit
@@ -620,27 +585,6 @@ def _group_blocks(D: int, M: int, dtype: torch.dtype, kind: str):
     return block_m, block_d, gen_m, TUNING_GROUP[kind, width] or 4
 
 
-# Elements of the key-cluster kernel's [BLOCK_G * GROUP, GROUP, BLOCK_D] score tiles.
-_KV_GROUP_TILE = 4096
-
-
-def _kv_group_blocks(D: int, M: int, dtype: torch.dtype):
-    """(entries per chunk, num_warps) of the key-cluster backward, or None for the per-key
-    kernel: M not whole slot blocks, or the kernel off in TUNING_GROUP."""
-    if M % _GROUP or M < _GROUP:
-        return None
-    width = 2 if dtype in (torch.float16, torch.bfloat16) else 4
-    warps = TUNING_GROUP["bwd_kv", width]
-    if not warps and not _INTERPRET:
-        return None
-    block_d = _np2(D)
-    tile = _KV_GROUP_TILE // (2 if dtype == torch.float64 else 1)
-    if _INTERPRET:
-        # The interpreter pays per program and per op: few, large chunks.
-        return 16, 2
-    return max(1, min(4, tile // (_GROUP * _GROUP * block_d))), warps or 2
-
-
 def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale):
     B, H, N, D = q.shape
     M = member_idx.shape[-1]
@@ -790,62 +734,6 @@ def _attn_bwd_q_kernel(
 
 
 @triton.jit
-def _bwd_kv_rows(
-    Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k, k_ok,
-    sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh,
-    N, M, D, scale_hi, scale_lo,
-    HAS_PE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-):
-    """Head ``h`` of BLOCK_K keys, each walking its own list of (query, slot) entries in
-    the token-level reverse map. Pointers are already offset to the batch."""
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    kd_ok = k_ok[:, None] & d_ok[None, :]
-    start = tl.load(PTR + offs_k, mask=k_ok, other=0)
-    cnt = tl.load(PTR + offs_k + 1, mask=k_ok, other=0) - start
-    n_max = tl.max(cnt, 0)
-    kn = tl.load(K + h * skh + offs_k[:, None] * skn + offs_d[None, :], mask=kd_ok,
-                 other=0.0).to(ACC)
-    kn = kn * scale_hi + kn * scale_lo
-    vn = tl.load(V + h * svh + offs_k[:, None] * svn + offs_d[None, :], mask=kd_ok,
-                 other=0.0).to(ACC)
-    dk = tl.zeros([BLOCK_K, BLOCK_D], ACC)
-    dv = tl.zeros([BLOCK_K, BLOCK_D], ACC)
-    for e0 in range(0, n_max, BLOCK_E):
-        offs_e = e0 + tl.arange(0, BLOCK_E)
-        ok = offs_e[None, :] < cnt[:, None]
-        slot = tl.load(PERM + start[:, None] + offs_e[None, :], mask=ok, other=0)
-        qi = slot // M
-        ed_ok = ok[:, :, None] & d_ok[None, None, :]
-        qt = tl.load(Q + h * sqh + qi[:, :, None] * sqn + offs_d[None, None, :],
-                     mask=ed_ok, other=0.0).to(ACC)
-        dot = tl.load(DO + h * sdoh + qi[:, :, None] * sdon + offs_d[None, None, :],
-                      mask=ed_ok, other=0.0).to(ACC)
-        lse = tl.load(LSE + h * N + qi, mask=ok, other=float("inf"))
-        delta = tl.load(DELTA + h * N + qi, mask=ok, other=0.0)
-        s = tl.sum(qt * kn[:, None, :], 2)
-        if HAS_PE:
-            pe = tl.load(PEIDX + slot, mask=ok, other=0)
-            s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
-        p = tl.where(ok, tl.exp(s - lse), 0.0)
-        dp = tl.sum(dot * vn[:, None, :], 2)
-        ds = p * (dp - delta)
-        dv += tl.sum(p[:, :, None] * dot, 1)
-        dk += tl.sum(ds[:, :, None] * qt, 1)
-    _bwd_kv_store(DK, DV, h, offs_k, kd_ok, dk, dv, N, D, scale_hi, scale_lo, BLOCK_D)
-
-
-@triton.jit
-def _bwd_kv_store(DK, DV, h, offs_k, kd_ok, dk, dv, N, D, scale_hi, scale_lo,
-                  BLOCK_D: tl.constexpr):
-    dk = dk * scale_hi + dk * scale_lo
-    out_off = h * N * D + offs_k[:, None] * D + tl.arange(0, BLOCK_D)[None, :]
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kd_ok)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kd_ok)
-
-
-@triton.jit
 def _attn_bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
@@ -863,6 +751,9 @@ def _attn_bwd_kv_kernel(
     h_hi = tl.minimum(h_lo + HPG, H)
     offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < N
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kd_ok = k_ok[:, None] & d_ok[None, :]
     PTR += b * (N + 1)
     PERM += b * N * M
     PEIDX += b * N * M
@@ -874,145 +765,43 @@ def _attn_bwd_kv_kernel(
     DV += b * H * N * D
     LSE += b * H * N
     DELTA += b * H * N
+    start = tl.load(PTR + offs_k, mask=k_ok, other=0)
+    cnt = tl.load(PTR + offs_k + 1, mask=k_ok, other=0) - start
+    n_max = tl.max(cnt, 0)
+
     for h in range(h_lo, h_hi):
-        _bwd_kv_rows(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k, k_ok,
-                     sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh, N, M, D,
-                     scale_hi, scale_lo, HAS_PE, BLOCK_K, BLOCK_E, BLOCK_D, ACC)
-
-
-@triton.jit
-def _group_key_kernel(IDX, MASK, GKEY, BAD, N, M, NKC, HAS_MASK: tl.constexpr,
-                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Group-level reverse-map keys: GKEY[b, g * J + j] = the key cluster that slot block j
-    (slots j*GROUP .. j*GROUP + GROUP-1) of query group g names, or NKC when no query of the
-    group uses that block. BAD[b] is raised when some group of batch b does not share one
-    key list, or a used block is not one whole key cluster in order (slot t of the block
-    naming token cluster * GROUP + t): then batch b needs the token-level map."""
-    g = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    J: tl.constexpr = BLOCK_M // GROUP
-    rows = tl.arange(0, GROUP)
-    offs_q = g * GROUP + rows
-    q_ok = offs_q < N
-    offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    off = offs_q[:, None] * M + offs_m[None, :]
-    ok = q_ok[:, None] & m_ok[None, :]
-    IDX += b * N * M
-    MASK += b * N * M
-    idx = tl.load(IDX + off, mask=ok, other=0)
-    if HAS_MASK:
-        ok = ok & (tl.load(MASK + off, mask=ok, other=0) != 0)
-    lead = tl.load(IDX + g * GROUP * M + offs_m, mask=m_ok, other=0)
-    stray = tl.max(tl.max((ok & (idx != lead[None, :])).to(tl.int32), 1), 0)
-    live = tl.max(ok.to(tl.int32), 0) > 0
-    t = offs_m % GROUP
-    in_range = (lead >= 0) & (lead < N)
-    misplaced = live & (((lead % GROUP) != t) | ~in_range)
-    c = lead // GROUP
-    c_hi = tl.max(tl.reshape(tl.where(live, c, -1), (J, GROUP)), 1)
-    c_lo = tl.min(tl.reshape(tl.where(live, c, NKC), (J, GROUP)), 1)
-    used = c_hi >= 0
-    split = used & (c_hi != c_lo)
-    bad = (stray > 0) | (tl.max(misplaced.to(tl.int32), 0) > 0) | \
-        (tl.max(split.to(tl.int32), 0) > 0)
-    offs_j = tl.arange(0, J)
-    n_blocks = M // GROUP
-    tl.store(GKEY + (b * tl.num_programs(0) + g) * n_blocks + offs_j,
-             tl.where(used, c_hi, NKC).to(GKEY.dtype.element_ty), mask=offs_j < n_blocks)
-    # Relaxed: read only by later kernels.
-    tl.atomic_max(BAD + b, bad.to(tl.int32), sem="relaxed")
-
-
-@triton.jit
-def _attn_bwd_kv_cluster_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, GPERM, GPTR, BAD, IDX, PEIDX, MASK, PE,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
-    spet, speh,
-    H, N, M, D, scale_hi, scale_lo, HPG, NHG,
-    HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-):
-    """Key side by key cluster: one program per GROUP consecutive keys. When every query
-    group of the batch shares its list and names whole key clusters (AFF's layout, checked
-    by _group_key_kernel), the group-level map lists which (query group, slot block) pairs
-    name this cluster, and each such pair is a dense GROUP x GROUP block of scores: the
-    program reads every query row once, where the per-key walk reads it once per key.
-    Otherwise the program walks the token-level map (_bwd_kv_rows)."""
-    kc = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // NHG).to(tl.int64)
-    h_lo = (pid_bh % NHG) * HPG
-    h_hi = tl.minimum(h_lo + HPG, H)
-    n_kc = tl.num_programs(0)
-    offs_k = kc * GROUP + tl.arange(0, GROUP)
-    k_ok = offs_k < N
-    PTR += b * (N + 1)
-    PERM += b * N * M
-    IDX += b * N * M
-    PEIDX += b * N * M
-    MASK += b * N * M
-    Q += b * sqb
-    K += b * skb
-    V += b * svb
-    DO += b * sdob
-    DK += b * H * N * D
-    DV += b * H * N * D
-    LSE += b * H * N
-    DELTA += b * H * N
-    if tl.load(BAD + b) == 0:
-        n_blocks = M // GROUP
-        GPTR += b * (n_kc + 1)
-        GPERM += b * tl.cdiv(N, GROUP) * n_blocks
-        start = tl.load(GPTR + kc)
-        cnt = tl.load(GPTR + kc + 1) - start
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-        kd_ok = k_ok[:, None] & d_ok[None, :]
-        # Rows r of a chunk: query r % GROUP of the chunk's entry r // GROUP.
-        r = tl.arange(0, BLOCK_G * GROUP)
-        t = tl.arange(0, GROUP)
-        for h in range(h_lo, h_hi):
-            kn = tl.load(K + h * skh + offs_k[:, None] * skn + offs_d[None, :], mask=kd_ok,
-                         other=0.0).to(ACC)
-            kn = kn * scale_hi + kn * scale_lo
-            vn = tl.load(V + h * svh + offs_k[:, None] * svn + offs_d[None, :], mask=kd_ok,
-                         other=0.0).to(ACC)
-            dk = tl.zeros([GROUP, BLOCK_D], ACC)
-            dv = tl.zeros([GROUP, BLOCK_D], ACC)
-            for e0 in range(0, cnt, BLOCK_G):
-                e_ok = e0 + r // GROUP < cnt
-                ent = tl.load(GPERM + start + e0 + r // GROUP, mask=e_ok, other=0)
-                qi = (ent // n_blocks) * GROUP + r % GROUP
-                q_ok = e_ok & (qi < N)
-                slot = qi * M + (ent % n_blocks) * GROUP
-                ok = q_ok[:, None] & k_ok[None, :]
-                off = slot[:, None] + t[None, :]
-                if HAS_MASK:
-                    ok = ok & (tl.load(MASK + off, mask=ok, other=0) != 0)
-                qd_ok = q_ok[:, None] & d_ok[None, :]
-                qt = tl.load(Q + h * sqh + qi[:, None] * sqn + offs_d[None, :], mask=qd_ok,
-                             other=0.0).to(ACC)
-                dot = tl.load(DO + h * sdoh + qi[:, None] * sdon + offs_d[None, :],
-                              mask=qd_ok, other=0.0).to(ACC)
-                lse = tl.load(LSE + h * N + qi, mask=q_ok, other=float("inf"))
-                delta = tl.load(DELTA + h * N + qi, mask=q_ok, other=0.0)
-                s = tl.sum(qt[:, None, :] * kn[None, :, :], 2)
-                if HAS_PE:
-                    pe = tl.load(PEIDX + off, mask=ok, other=0)
-                    s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
-                p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-                dp = tl.sum(dot[:, None, :] * vn[None, :, :], 2)
-                ds = p * (dp - delta[:, None])
-                dv += tl.sum(p[:, :, None] * dot[:, None, :], 0)
-                dk += tl.sum(ds[:, :, None] * qt[:, None, :], 0)
-            _bwd_kv_store(DK, DV, h, offs_k, kd_ok, dk, dv, N, D, scale_hi, scale_lo,
-                          BLOCK_D)
-    else:
-        for h in range(h_lo, h_hi):
-            _bwd_kv_rows(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k,
-                         k_ok, sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh, N, M, D,
-                         scale_hi, scale_lo, HAS_PE, GROUP, BLOCK_E, BLOCK_D, ACC)
+        kn = tl.load(K + h * skh + offs_k[:, None] * skn + offs_d[None, :], mask=kd_ok,
+                     other=0.0).to(ACC)
+        kn = kn * scale_hi + kn * scale_lo
+        vn = tl.load(V + h * svh + offs_k[:, None] * svn + offs_d[None, :], mask=kd_ok,
+                     other=0.0).to(ACC)
+        dk = tl.zeros([BLOCK_K, BLOCK_D], ACC)
+        dv = tl.zeros([BLOCK_K, BLOCK_D], ACC)
+        for e0 in range(0, n_max, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)
+            ok = offs_e[None, :] < cnt[:, None]
+            slot = tl.load(PERM + start[:, None] + offs_e[None, :], mask=ok, other=0)
+            qi = slot // M
+            ed_ok = ok[:, :, None] & d_ok[None, None, :]
+            qt = tl.load(Q + h * sqh + qi[:, :, None] * sqn + offs_d[None, None, :],
+                         mask=ed_ok, other=0.0).to(ACC)
+            dot = tl.load(DO + h * sdoh + qi[:, :, None] * sdon + offs_d[None, None, :],
+                          mask=ed_ok, other=0.0).to(ACC)
+            lse = tl.load(LSE + h * N + qi, mask=ok, other=float("inf"))
+            delta = tl.load(DELTA + h * N + qi, mask=ok, other=0.0)
+            s = tl.sum(qt * kn[:, None, :], 2)
+            if HAS_PE:
+                pe = tl.load(PEIDX + slot, mask=ok, other=0)
+                s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
+            p = tl.where(ok, tl.exp(s - lse), 0.0)
+            dp = tl.sum(dot * vn[:, None, :], 2)
+            ds = p * (dp - delta)
+            dv += tl.sum(p[:, :, None] * dot, 1)
+            dk += tl.sum(ds[:, :, None] * qt, 1)
+        dk = dk * scale_hi + dk * scale_lo
+        out_off = h * N * D + offs_k[:, None] * D + offs_d[None, :]
+        tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kd_ok)
+        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kd_ok)
 
 
 @triton.jit
@@ -1127,40 +916,22 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         if compute_kv:
             dk = torch.empty((B, H, N, D), dtype=k.dtype, device=dev)
             dv = torch.empty((B, H, N, D), dtype=v.dtype, device=dev)
-            masks = mask_u8 if has_mask else None
-            kv_group = _kv_group_blocks(D, M, q.dtype)
-            bad = None
-            if kv_group is not None:
-                gperm, gptr, bad = _group_reverse_map(idx, masks, N)
             if deterministic:
                 perm, ptr = _reverse_map(idx, mask_b, N)
             else:
-                perm, ptr = _reverse_map_counting(idx, masks, N, need=bad)
-            kv_args = (
+                perm, ptr = _reverse_map_counting(idx, mask_u8 if has_mask else None, N)
+            BK_, BE, _, kv_warps = _attn_blocks(D, M, q.dtype, "bwd_kv")
+            kv_hpg, kv_nhg = _head_groups(triton.cdiv(N, BK_), B, H, dev)
+            _attn_bwd_kv_kernel[(triton.cdiv(N, BK_), B * kv_nhg)](
+                q, k, v, dout, lse, delta, dk, dv, perm, ptr, pe_idx, pe_t,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 dout.stride(0), dout.stride(1), dout.stride(2),
                 pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
+                H, N, M, D, hi, lo, kv_hpg, kv_nhg,
+                HAS_PE=has_pe, BLOCK_K=BK_, BLOCK_E=BE, BLOCK_D=BD, ACC=_tl_acc(q.dtype),
+                num_warps=kv_warps,
             )
-            BK_, BE, KBD, kv_warps = _attn_blocks(D, M, q.dtype, "bwd_kv")
-            if kv_group is not None:
-                BG, gw = kv_group
-                n_kc = triton.cdiv(N, _GROUP)
-                kv_hpg, kv_nhg = _head_groups(n_kc, B, H, dev)
-                _attn_bwd_kv_cluster_kernel[(n_kc, B * kv_nhg)](
-                    q, k, v, dout, lse, delta, dk, dv, perm, ptr, gperm, gptr, bad, idx,
-                    pe_idx, mask_u8, pe_t, *kv_args, H, N, M, D, hi, lo, kv_hpg, kv_nhg,
-                    HAS_PE=has_pe, HAS_MASK=has_mask, GROUP=_GROUP, BLOCK_G=BG, BLOCK_E=BE,
-                    BLOCK_D=KBD, ACC=_tl_acc(q.dtype), num_warps=gw,
-                )
-            else:
-                kv_hpg, kv_nhg = _head_groups(triton.cdiv(N, BK_), B, H, dev)
-                _attn_bwd_kv_kernel[(triton.cdiv(N, BK_), B * kv_nhg)](
-                    q, k, v, dout, lse, delta, dk, dv, perm, ptr, pe_idx, pe_t, *kv_args,
-                    H, N, M, D, hi, lo, kv_hpg, kv_nhg,
-                    HAS_PE=has_pe, BLOCK_K=BK_, BLOCK_E=BE, BLOCK_D=KBD,
-                    ACC=_tl_acc(q.dtype), num_warps=kv_warps,
-                )
         else:
             dk = q.new_empty(0, dtype=k.dtype)
             dv = q.new_empty(0, dtype=v.dtype)
