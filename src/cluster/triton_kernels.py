@@ -167,20 +167,33 @@ def _row_blocks(block_d: int, n_slots: int, dtype: torch.dtype):
     return rows, min(_np2(n_slots), slots)
 
 
-def _attn_blocks(D: int, M: int, dtype: torch.dtype, kind: str):
-    """(BLOCK rows, BLOCK slots, BLOCK_D, num_warps) of attention kernel ``kind``."""
-    block_d = _np2(D)
-    width = 2 if dtype in (torch.float16, torch.bfloat16) else 4
-    rows, max_slots, budget, warps = TUNING[kind, width]
+def _width(dtype: torch.dtype) -> int:
+    """The value width TUNING and TUNING_GROUP are keyed by (float64 uses the 4 entries)."""
+    return 2 if dtype in (torch.float16, torch.bfloat16) else 4
+
+
+def _chunk_slots(kind: str, dtype: torch.dtype, rows: int, block_d: int, M: int) -> int:
+    """Slots per chunk of a [rows, slots, block_d] gather tile of attention kernel ``kind``:
+    within its TUNING budget and slot cap, and no more than M needs."""
+    _rows, max_slots, budget, _warps = TUNING[kind, _width(dtype)]
     if dtype == torch.float64:
         budget //= 2
     if _INTERPRET:
+        # Slots stay <= 32 so that M > 32 still takes the multi-chunk (online softmax)
+        # path on the CPU too.
+        max_slots, budget = 32, 1 << 16
+    return min(_np2(M), max(1, min(max_slots, budget // (rows * block_d))))
+
+
+def _attn_blocks(D: int, M: int, dtype: torch.dtype, kind: str):
+    """(BLOCK rows, BLOCK slots, BLOCK_D, num_warps) of attention kernel ``kind``."""
+    block_d = _np2(D)
+    rows, _slots, _budget, warps = TUNING[kind, _width(dtype)]
+    if _INTERPRET:
         # The interpreter pays per program and per op, not per element: bigger row blocks
-        # make CPU runs of the suite's large configuration affordable. Slots stay <= 32 so
-        # M > 32 still takes the multi-chunk (online softmax) path there.
-        rows, max_slots, budget = 64, 32, 1 << 16
-    slots = max(1, min(max_slots, budget // (rows * block_d)))
-    return rows, min(_np2(M), slots), block_d, warps
+        # make CPU runs of the suite's large configuration affordable.
+        rows = 64
+    return rows, _chunk_slots(kind, dtype, rows, block_d, M), block_d, warps
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -563,26 +576,20 @@ def _dot_flags(dtype: torch.dtype) -> dict:
                 UPCAST=_INTERPRET and dtype == torch.bfloat16)
 
 
-def _group_blocks(D: int, M: int, dtype: torch.dtype, kind: str):
-    """(BLOCK_M, BLOCK_D, fallback slots per chunk, num_warps) of a group-shared kernel, or
-    None for the per-query kernel: key list too long for one tile, the group kernel off in
+def _group_blocks(D: int, M: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_D, fallback slots per chunk, num_warps) of the group forward, or None
+    for the per-query kernel: key list too long for one tile, the group kernel off in
     TUNING_GROUP for this dtype, or float64 on a GPU (Triton has no float64 tl.dot there;
-    the interpreter runs it, which is how the suite checks the group kernels in float64)."""
+    the interpreter runs it, which is how the suite checks the group kernel in float64)."""
     block_m, block_d = max(16, _np2(M)), max(16, _np2(D))
     if block_m * block_d > _GROUP_TILE // (2 if dtype == torch.float64 else 1):
         return None
     if dtype == torch.float64 and not _INTERPRET:
         return None
-    width = 2 if dtype in (torch.float16, torch.bfloat16) else 4
-    if not TUNING_GROUP[kind, width] and not _INTERPRET:
+    warps = TUNING_GROUP["fwd", _width(dtype)]
+    if not warps and not _INTERPRET:
         return None
-    _rows, max_slots, budget, _w = TUNING[kind, width]
-    if dtype == torch.float64:
-        budget //= 2
-    if _INTERPRET:
-        max_slots, budget = 32, 1 << 16
-    gen_m = min(_np2(M), max(1, min(max_slots, budget // (_GROUP * block_d))))
-    return block_m, block_d, gen_m, TUNING_GROUP[kind, width] or 4
+    return block_m, block_d, _chunk_slots("fwd", dtype, _GROUP, block_d, M), warps or 4
 
 
 def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale):
@@ -607,7 +614,7 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
         bk.stride(0) if has_blank else 0, bv.stride(0) if has_blank else 0,
     )
     flags = dict(HAS_PE=has_pe, HAS_MASK=has_mask, HAS_BLANK=has_blank, ACC=_tl_acc(q.dtype))
-    grouped = _group_blocks(D, M, q.dtype, "fwd")
+    grouped = _group_blocks(D, M, q.dtype)
     with _device_guard(q):
         if grouped is not None:
             BM, BD, GM, warps = grouped

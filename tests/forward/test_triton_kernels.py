@@ -240,7 +240,7 @@ def test_per_query_kernel_on_shared_lists(shape, monkeypatch):
     B, H, N, D, M = shape
     case = make_case(B, H, N, D, M, seed=25, group=8, device=_DEV)
     monkeypatch.setattr(tk, "_GROUP_TILE", 0)
-    assert tk._group_blocks(D, M, torch.float32, "fwd") is None
+    assert tk._group_blocks(D, M, torch.float32) is None
     assert_close(run_triton(cast(case, torch.float32)), run_reference(case), 1e-4, "out")
 
 
