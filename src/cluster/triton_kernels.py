@@ -343,6 +343,29 @@ def _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
 
 
 @triton.jit
+def _gather_rows(X, base, idx, offs_d, kd_ok, sxn, ACC: tl.constexpr):
+    """Rows ``idx`` [rows, slots] of one head of X (``base`` = its offset) as a
+    [rows, slots, BLOCK_D] tile in ACC."""
+    return tl.load(X + base + idx[:, :, None] * sxn + offs_d[None, None, :], mask=kd_ok,
+                   other=0.0).to(ACC)
+
+
+@triton.jit
+def _chunk_logits(K, PE, h, q, idx, pe, ok, offs_d, d_ok, skh, skn, spet, speh,
+                  HAS_PE: tl.constexpr, ACC: tl.constexpr):
+    """Per-query path: the chunk's key tile, q . k plus the position bias, and the tile's
+    mask (which also masks the chunk's value gather)."""
+    kd_ok = ok[:, :, None] & d_ok[None, None, :]
+    kt = _gather_rows(K, h * skh, idx, offs_d, kd_ok, skn, ACC)
+    s = tl.sum(q[:, None, :] * kt, 2)
+    if HAS_PE:
+        s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
+    return s, kt, kd_ok
+
+
+
+
+@triton.jit
 def _fwd_rows(
     Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_q, q_ok, row_off, idx0, pe0, ok0,
     sqh, sqn, skh, skn, svh, svn, soh, son, spet, speh, sbkh, sbvh,
@@ -376,12 +399,8 @@ def _fwd_rows(
         else:
             idx, pe, ok, _o = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
                                           HAS_PE, HAS_MASK, BLOCK_M)
-        kd_ok = ok[:, :, None] & d_ok[None, None, :]
-        kt = tl.load(K + h * skh + idx[:, :, None] * skn + offs_d[None, None, :],
-                     mask=kd_ok, other=0.0).to(ACC)
-        s = tl.sum(q[:, None, :] * kt, 2)
-        if HAS_PE:
-            s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
+        s, _kt, kd_ok = _chunk_logits(K, PE, h, q, idx, pe, ok, offs_d, d_ok, skh, skn,
+                                      spet, speh, HAS_PE, ACC)
         s = tl.where(ok, s, NEG_INF)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # All-invalid so far: shift by 0 so that exp(-inf - shift) = 0, never NaN.
@@ -389,8 +408,7 @@ def _fwd_rows(
         alpha = tl.exp(m_i - m_use)
         p = tl.exp(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(V + h * svh + idx[:, :, None] * svn + offs_d[None, None, :],
-                     mask=kd_ok, other=0.0).to(ACC)
+        vt = _gather_rows(V, h * svh, idx, offs_d, kd_ok, svn, ACC)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt, 1)
         m_i = m_new
     _fwd_store(O, LSE, h, offs_q, q_ok, acc, m_i, l_i, soh, son, N, D, BLOCK_D)
@@ -471,14 +489,14 @@ def _group_slots(IDX, PEIDX, MASK, pid, N, M, HAS_PE: tl.constexpr, HAS_MASK: tl
     offs_q = pid * GROUP + rows
     q_ok = (rows < GROUP) & (offs_q < N)
     row_off = offs_q * M
-    idx, pe, ok, off = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M, HAS_PE, HAS_MASK,
+    idx, pe, ok, _off = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M, HAS_PE, HAS_MASK,
                                    BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
     lead = tl.load(IDX + pid * GROUP * M + offs_m, mask=offs_m < M, other=0)
     stray = tl.max(tl.max((ok & (idx != lead[None, :])).to(tl.int32), 1), 0)
     # A slot's key row is read if any query of the group uses the slot.
     live = tl.max(ok.to(tl.int32), 0) > 0
-    return offs_q, q_ok, row_off, idx, pe, ok, off, lead, live, stray == 0
+    return offs_q, q_ok, pe, ok, lead, live, stray == 0
 
 
 @triton.jit
@@ -511,7 +529,7 @@ def _attn_fwd_cluster_kernel(
     O += b * sob
     LSE += b * H * N
     NEG_INF = float("-inf")
-    offs_q, q_ok, row_off, idx, pe, ok, _o, lead, live, shared = _group_slots(
+    offs_q, q_ok, pe, ok, lead, live, shared = _group_slots(
         IDX, PEIDX, MASK, pid, N, M, HAS_PE, HAS_MASK, GROUP, ROWS, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -717,15 +735,10 @@ def _attn_bwd_q_kernel(
             else:
                 idx, pe, ok, off = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
                                                HAS_PE, HAS_MASK, BLOCK_M)
-            kd_ok = ok[:, :, None] & d_ok[None, None, :]
-            kt = tl.load(K + h * skh + idx[:, :, None] * skn + offs_d[None, None, :],
-                         mask=kd_ok, other=0.0).to(ACC)
-            s = tl.sum(qs[:, None, :] * kt, 2)
-            if HAS_PE:
-                s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
+            s, kt, kd_ok = _chunk_logits(K, PE, h, qs, idx, pe, ok, offs_d, d_ok, skh, skn,
+                                         spet, speh, HAS_PE, ACC)
             p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-            vt = tl.load(V + h * svh + idx[:, :, None] * svn + offs_d[None, None, :],
-                         mask=kd_ok, other=0.0).to(ACC)
+            vt = _gather_rows(V, h * svh, idx, offs_d, kd_ok, svn, ACC)
             dp = tl.sum(do[:, None, :] * vt, 2)
             ds = p * (dp - delta[:, None])
             dq += tl.sum(ds[:, :, None] * kt, 1)
@@ -990,8 +1003,7 @@ def _wf_fwd_kernel(WT, F, OUT, IDX,
             idx = tl.load(IDX + offs_q[:, None] * M + offs_m[None, :], mask=ok, other=0)
             wt = tl.load(WT + offs_q[:, None] * swn + offs_m[None, :] * swm + w * sww,
                          mask=ok, other=0.0).to(ACC)
-            ft = tl.load(F + idx[:, :, None] * sfn + offs_c[None, None, :],
-                         mask=ok[:, :, None] & c_ok[None, None, :], other=0.0).to(ACC)
+            ft = _gather_rows(F, 0, idx, offs_c, ok[:, :, None] & c_ok[None, None, :], sfn, ACC)
             acc += tl.sum(wt[:, :, None] * ft, 1)
         tl.store(OUT + (offs_q[:, None] * W + w) * C + offs_c[None, :],
                  acc.to(OUT.dtype.element_ty), mask=q_ok[:, None] & c_ok[None, :])
@@ -1021,8 +1033,8 @@ def _wf_bwd_w_kernel(DO, F, DW, IDX,
             for c0 in range(0, C, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
                 c_ok = offs_c < C
-                ft = tl.load(F + idx[:, :, None] * sfn + offs_c[None, None, :],
-                             mask=ok[:, :, None] & c_ok[None, None, :], other=0.0).to(ACC)
+                ft = _gather_rows(F, 0, idx, offs_c, ok[:, :, None] & c_ok[None, None, :], sfn,
+                                  ACC)
                 do = tl.load(DO + offs_q[:, None] * sdn + w * sdw + offs_c[None, :],
                              mask=q_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
                 acc += tl.sum(ft * do[:, None, :], 2)
