@@ -31,6 +31,7 @@ __all__ = [
     "AttentionInputs",
     "make_inputs",
     "grouped_member_idx",
+    "clustered_member_idx",
     "check_config",
     "max_errors",
     "within_fp32_tolerance",
@@ -229,6 +230,23 @@ def grouped_member_idx(B: int, N: int, M: int, *, group: int, generator: torch.G
             slot = int(torch.randint(0, M, (1,), generator=generator))
             idx[:, row, slot] = (idx[:, row, slot] + 1) % N
     return idx
+
+
+def clustered_member_idx(B: int, N: int, M: int, *, group: int,
+                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """AFF's exact layout with random neighbours: each run of ``group`` queries shares one
+    list made of ``M // group`` whole key clusters (cluster c = tokens c*group ..
+    c*group + group-1, in order; a cluster may repeat). Returns (member_idx [B, N, M],
+    valid [B, N, M]); slots for the missing tokens of a short last cluster point at N - 1
+    and are invalid, as in ``build_neighborhoods``."""
+    n_groups = -(-N // group)
+    clusters = torch.randint(0, n_groups, (B, n_groups, M // group), generator=generator)
+    tok = clusters[..., None] * group + torch.arange(group)
+    valid = tok < N
+    tok = torch.where(valid, tok, torch.full_like(tok, N - 1))
+    idx = tok.reshape(B, n_groups, M).repeat_interleave(group, dim=1)[:, :N]
+    valid = valid.reshape(B, n_groups, M).repeat_interleave(group, dim=1)[:, :N]
+    return idx.contiguous(), valid.contiguous()
 
 
 def max_errors(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:

@@ -5,18 +5,23 @@ Sections: helpers / forward / backward / weighted features / registration.
 Cluster attention is a batched gather-GEMV (every query may have its own key list), so the
 per-query kernels use elementwise-product-and-reduce tiles ``[rows, slots, BLOCK_D]``
 instead of ``tl.dot``: exact float32 (no tf32), the same code for float64. In AFF the 8
-tokens of a cluster share one key list; the group forward (one program per 8 queries)
-checks that at run time and then gathers the group's keys and values once and multiplies
-with ``tl.dot`` (16-bit forwards on the GPU, see ``TUNING_GROUP``), falling back to the
-per-query code for any group that does not share its list.
+tokens of a cluster share one key list made of whole key clusters. The group kernels check
+that at run time and then use ``tl.dot``: the group forward (one program per 8 queries)
+gathers the group's keys and values once; the key-cluster backward (one program per 8 keys)
+walks a group-level reverse map of (query group, slot block) pairs, each a dense 8 x 8 block
+of scores. Both fall back to the per-query / per-key code for any input that does not have
+that layout; ``TUNING_GROUP`` says where they are used on the GPU (16-bit).
 
 Determinism: the forward, dq and the blank gradients never use atomics, so they are
 bitwise reproducible in both modes. With ``deterministic`` False the backward takes two
 shortcuts whose summation order follows the GPU's scheduling: the position-bias table
-gradient is summed with float atomics, and the reverse neighbour map (which queries name
-each key, walked by the dk / dv kernel) is built by an atomic counting sort, so dk / dv
-add the same terms in a run-dependent order. ``deterministic=True`` uses a stable sort
-and fixed-order segment sums instead: bitwise reproducible, somewhat slower.
+gradient is summed with float atomics, and the token-level reverse neighbour map (which
+queries name each key, walked by the per-key kernel) is built by an atomic counting sort,
+so dk / dv add the same terms in a run-dependent order. ``deterministic=True`` sums the
+table gradient in int64 fixed point (integer atomics: exact, so any order gives the same
+bits; float64 sorts and sums segments in a fixed order instead) and builds the token-level
+map with a stable sort, skipped (one device sync) when every batch takes the group-level
+map, which is stable-sorted in both modes.
 
 The kernels read ``TRITON_INTERPRET`` when they are decorated, i.e. at import: set it
 before importing this module to run them on the CPU interpreter.
@@ -65,13 +70,17 @@ TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
     ("bwd_kv", 4): (8, 32, 1024, 1),
     ("bwd_kv", 2): (8, 32, 1024, 1),
 }
-# num_warps of the group-shared forward (one cluster of queries per program, tl.dot
-# tiles) per value width; 0 = the per-query forward. On the H100 at affmae_stage1 the group
-# kernel takes 16-bit forwards from 0.367 to 0.255 ms, but float32 from 0.54 to >= 1.04 ms
-# (ieee) or 0.58 (tf32x3): float32 tl.dot runs on FMA units through shared-memory layouts
-# (benchmarks/tune_group.py, results/tune-group-*.log). The interpreter ignores the 0, so the CPU
-# suite checks the group kernel in every dtype.
-TUNING_GROUP: dict[tuple[str, int], int] = {("fwd", 4): 0, ("fwd", 2): 1}
+# num_warps of the group kernels (one cluster of queries, or of keys, per program, tl.dot
+# tiles) per kind and value width; 0 = the per-query / per-key kernel. The group forward
+# takes 16-bit forwards at affmae_stage1 on the H100 from 0.367 to 0.255 ms, but float32
+# from 0.54 to >= 1.04 ms (ieee) or 0.58 (tf32x3): float32 tl.dot runs on FMA units through
+# shared-memory layouts (benchmarks/tune_group.py, results/tune-group-*.log). Likewise the
+# key-cluster backward takes a bf16 step on the H200 from 1.74 to 1.40 ms and float32 from
+# 2.30 to >= 3.25 (results/tune-kv-dot-*.log). The interpreter ignores the 0s, so the CPU
+# suite checks the group kernels in every dtype.
+TUNING_GROUP: dict[tuple[str, int], int] = {
+    ("fwd", 4): 0, ("fwd", 2): 1, ("bwd_kv", 4): 0, ("bwd_kv", 2): 2,
+}
 
 
 def _interpreter_numpy_shim() -> None:
@@ -235,6 +244,29 @@ def _dpe_replicas(T: int, H: int, acc_dtype: torch.dtype) -> int:
     return max(1, min(_DPE_MAX_REPLICAS, _DPE_REPLICA_BYTES // max(1, per_copy)))
 
 
+def _dpe_fixed_scale(dout: torch.Tensor, v: torch.Tensor, blank_v: torch.Tensor | None,
+                     n_queries: int) -> torch.Tensor:
+    """The deterministic d_pe_table's fixed-point scale: a power of two S (float32 [1], on
+    the device, so no sync) such that the sum of |ds| * S over the whole call stays below
+    2^62, so no int64 partial sum can overflow.
+
+    Bound: ds_j = p_j (dp_j - delta) with dp_j = dout . v_j and delta the p-weighted mean of
+    the dp (blank included), so |ds_j| <= 2 p_j A with A = D max|dout| max|v|, and the p of
+    one query and head sum to at most 1: the call's sum of |ds| is at most 2 A n_queries.
+    A factor 2 more covers float32 rounding. Against float32 sums in any order, the
+    rounding of each ds to a multiple of 1/S (at most 2^-62 of that bound) is negligible
+    where it matters: next to the gradient's largest entries.
+    """
+    amax_v = v.detach().abs().amax().double()
+    if blank_v is not None:
+        amax_v = torch.maximum(amax_v, blank_v.detach().abs().amax().double())
+    bound = dout.detach().abs().amax().double() * amax_v * (4.0 * v.shape[-1] * n_queries)
+    # bound >= 2^-60 keeps S <= 2^122 (float32); inf or NaN gives S = 0 (flagged later).
+    exp = torch.floor(62.0 - torch.log2(bound.clamp_min(2.0 ** -60)))
+    scale = torch.where(torch.isfinite(bound), torch.exp2(exp), 0.0)
+    return scale.to(torch.float32).reshape(1)
+
+
 def _sort_key_dtype(n_keys: int) -> torch.dtype:
     # A radix sort makes one pass per key byte: 16-bit keys (sentinel n_keys included)
     # halve the passes of the deterministic backward's sorts.
@@ -261,11 +293,15 @@ def _reverse_map(member_idx: torch.Tensor, mask: torch.Tensor | None, n_keys: in
 
 
 @triton.jit
-def _block_keys(IDX, MASK, NM, NK, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """(batch, flat slots, their keys, which of them count) of this program's BLOCK slots."""
+def _block_keys(IDX, MASK, NEED, NM, NK, HAS_MASK: tl.constexpr, HAS_NEED: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """(batch, flat slots, their keys, which of them count) of this program's BLOCK slots.
+    HAS_NEED: batches whose NEED[b] is 0 count nothing (the group-level map serves them)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     b = tl.program_id(1).to(tl.int64)
     ok = offs < NM
+    if HAS_NEED:
+        ok = ok & (tl.load(NEED + b) != 0)
     key = tl.load(IDX + b * NM + offs, mask=ok, other=0)
     if HAS_MASK:
         ok = ok & (tl.load(MASK + b * NM + offs, mask=ok, other=0) != 0)
@@ -274,19 +310,20 @@ def _block_keys(IDX, MASK, NM, NK, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _key_count_kernel(IDX, MASK, COUNT, NM, NK, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+def _key_count_kernel(IDX, MASK, NEED, COUNT, NM, NK, HAS_MASK: tl.constexpr,
+                      HAS_NEED: tl.constexpr, BLOCK: tl.constexpr):
     """COUNT[b, key] += 1 for every valid slot (integer atomics: exact in any order)."""
-    b, _offs, key, ok = _block_keys(IDX, MASK, NM, NK, HAS_MASK, BLOCK)
+    b, _offs, key, ok = _block_keys(IDX, MASK, NEED, NM, NK, HAS_MASK, HAS_NEED, BLOCK)
     # Relaxed: only the totals matter, read after the kernel (triton's default, acq_rel,
     # orders every atomic against other memory traffic).
     tl.atomic_add(COUNT + b * NK + key, 1, mask=ok, sem="relaxed")
 
 
 @triton.jit
-def _key_fill_kernel(IDX, MASK, CURSOR, PERM, NM, NK, HAS_MASK: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def _key_fill_kernel(IDX, MASK, NEED, CURSOR, PERM, NM, NK, HAS_MASK: tl.constexpr,
+                     HAS_NEED: tl.constexpr, BLOCK: tl.constexpr):
     """PERM[b, CURSOR[b, key]++] = slot: each slot takes the next free place of its key."""
-    b, offs, key, ok = _block_keys(IDX, MASK, NM, NK, HAS_MASK, BLOCK)
+    b, offs, key, ok = _block_keys(IDX, MASK, NEED, NM, NK, HAS_MASK, HAS_NEED, BLOCK)
     pos = tl.atomic_add(CURSOR + b * NK + key, 1, mask=ok, sem="relaxed")
     tl.store(PERM + b * NM + pos, offs, mask=ok)
 
@@ -295,13 +332,14 @@ _KEY_BLOCK = 1024
 
 
 def _reverse_map_counting(member_idx: torch.Tensor, mask_u8: torch.Tensor | None,
-                          n_keys: int):
+                          n_keys: int, need: torch.Tensor | None = None):
     """The CSR of :func:`_reverse_map` by a counting sort: same lists, but the order of
     the slots within a key's list follows the atomics, i.e. varies from run to run.
 
     Two passes over the B*N*M keys and no int64 or sort buffers: 0.23 ms against ~0.5 ms
     for the sort at affmae_stage1 on the H100, and the only large new buffer is perm.
     Masked slots are left out of every list (perm's tail past ptr[b, n_keys] is unused).
+    ``need`` [B] int32: batches where it is 0 get empty lists (no work for the kernels).
     """
     B, N, M = member_idx.shape
     NM = N * M
@@ -312,14 +350,41 @@ def _reverse_map_counting(member_idx: torch.Tensor, mask_u8: torch.Tensor | None
     masks = mask_u8 if has_mask else member_idx  # any tensor: unread without HAS_MASK
     grid = (triton.cdiv(NM, _KEY_BLOCK), B)
     with _device_guard(member_idx):
-        _key_count_kernel[grid](member_idx, masks, count, NM, n_keys,
-                                HAS_MASK=has_mask, BLOCK=_KEY_BLOCK)
+        _key_count_kernel[grid](member_idx, masks, need if need is not None else count, count,
+                                NM, n_keys, HAS_MASK=has_mask, HAS_NEED=need is not None,
+                                BLOCK=_KEY_BLOCK)
         ptr = torch.zeros((B, n_keys + 1), dtype=torch.int32, device=dev)
         torch.cumsum(count, dim=1, dtype=torch.int32, out=ptr[:, 1:])
         count.copy_(ptr[:, :-1])
-        _key_fill_kernel[grid](member_idx, masks, count, perm, NM, n_keys,
-                               HAS_MASK=has_mask, BLOCK=_KEY_BLOCK)
+        _key_fill_kernel[grid](member_idx, masks, need if need is not None else count, count,
+                               perm, NM, n_keys, HAS_MASK=has_mask, HAS_NEED=need is not None,
+                               BLOCK=_KEY_BLOCK)
     return perm, ptr
+
+
+def _group_reverse_map(member_idx: torch.Tensor, mask_u8: torch.Tensor | None, n_keys: int):
+    """The group-level reverse map of _group_key_kernel, as CSR: gperm [B, G * J] int32
+    lists, per key cluster, the (query group g, slot block j) pairs ``g * J + j`` that
+    name it (stable sort: fixed order, so both modes may use it), gptr [B, n_clusters + 1]
+    int32; and bad [B] int32, nonzero where batch b needs the token-level map instead.
+    G * J is N * M / 64 entries: a small sort next to the token-level map's."""
+    B, N, M = member_idx.shape
+    n_groups = triton.cdiv(N, _GROUP)
+    dev = member_idx.device
+    gkey = torch.empty((B, n_groups * (M // _GROUP)), dtype=_sort_key_dtype(n_groups),
+                       device=dev)
+    bad = torch.zeros(B, dtype=torch.int32, device=dev)
+    with _device_guard(member_idx):
+        _group_key_kernel[(n_groups, B)](
+            member_idx, mask_u8 if mask_u8 is not None else member_idx, gkey, bad, N, M,
+            n_groups, HAS_MASK=mask_u8 is not None, GROUP=_GROUP, BLOCK_M=_np2(M),
+            num_warps=_NUM_WARPS,
+        )
+    sorted_key, gperm = torch.sort(gkey, dim=1, stable=True)
+    bounds = torch.arange(n_groups + 1, device=dev, dtype=gkey.dtype)
+    gptr = torch.searchsorted(sorted_key, bounds.expand(B, n_groups + 1).contiguous(),
+                              out_int32=True)
+    return gperm.to(torch.int32).contiguous(), gptr.contiguous(), bad
 
 
 @triton.jit
@@ -610,6 +675,30 @@ def _group_blocks(D: int, M: int, dtype: torch.dtype):
     return block_m, block_d, _chunk_slots("fwd", dtype, _GROUP, block_d, M), warps or 4
 
 
+# Elements of the key-cluster backward's [BLOCK_G * GROUP, BLOCK_D] query tiles: 4 map
+# entries at D = 32 (2, 8 and 16 entries per chunk were slower on the H200).
+_KV_GROUP_TILE = 1024
+
+
+def _kv_group_blocks(D: int, M: int, dtype: torch.dtype):
+    """(BLOCK_G (map entries per chunk), BLOCK_D, num_warps) of the key-cluster backward, or
+    None for the per-key kernel: M not whole slot blocks, the kernel off in TUNING_GROUP, or
+    float64 on a GPU (no float64 tl.dot there; the interpreter runs it)."""
+    if M % _GROUP or M < _GROUP:
+        return None
+    if dtype == torch.float64 and not _INTERPRET:
+        return None
+    warps = TUNING_GROUP["bwd_kv", _width(dtype)]
+    if not warps and not _INTERPRET:
+        return None
+    block_d = max(16, _np2(D))
+    if _INTERPRET:
+        # The interpreter pays per program and per op: few, large chunks.
+        return 16, block_d, 4
+    # tl.dot wants >= 16 columns, i.e. two entries of 8 queries at least.
+    return max(2, min(8, _KV_GROUP_TILE // (_GROUP * block_d))), block_d, warps
+
+
 def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale):
     B, H, N, D = q.shape
     M = member_idx.shape[-1]
@@ -658,7 +747,7 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
 @triton.jit
 def _attn_bwd_q_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV,
-    DPE, DSBUF, DBK_PART, DBV_PART,
+    DPE, DSBUF, DPE_SCALE, DBK_PART, DBV_PART,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
     spet, speh, sbkh, sbvh,
     H, N, M, D, T, R, scale_hi, scale_lo, HPG, NHG,
@@ -670,7 +759,8 @@ def _attn_bwd_q_kernel(
 
     DPE_MODE 0: no table gradient; 1: float atomics into DPE [R, T, H], replica
     ``lin % R``; 2: ds written to DSBUF [B, N, M, H] for a deterministic segment sum
-    afterwards.
+    afterwards; 3: like 1, but ds * DPE_SCALE[0] rounded to int64 (fixed point): integer
+    sums are exact, so the result is the same in any order.
     """
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -703,6 +793,8 @@ def _attn_bwd_q_kernel(
     if ONE_CHUNK:
         idx0, pe0, ok0, off0 = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M,
                                            HAS_PE, HAS_MASK, BLOCK_M)
+    if DPE_MODE == 3:
+        dpe_scale = tl.load(DPE_SCALE)
 
     for h in range(h_lo, h_hi):
         q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
@@ -748,9 +840,69 @@ def _attn_bwd_q_kernel(
                 tl.atomic_add(DPE + (rep * T + pe) * H + h, ds, mask=ok, sem="relaxed")
             if DPE_MODE == 2:
                 tl.store(DSBUF + off * H + h, ds, mask=ok)
+            if DPE_MODE == 3:
+                fx = ds * dpe_scale
+                fx = tl.where(fx >= 0, fx + 0.5, fx - 0.5).to(tl.int64)
+                tl.atomic_add(DPE + (rep * T + pe) * H + h, fx, mask=ok, sem="relaxed")
         dq = dq * scale_hi + dq * scale_lo
         tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=qd_ok)
+
+
+@triton.jit
+def _bwd_kv_rows(
+    Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k, k_ok,
+    sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh,
+    N, M, D, scale_hi, scale_lo,
+    HAS_PE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Head ``h`` of BLOCK_K keys, each walking its own list of (query, slot) entries in
+    the token-level reverse map. Pointers are already offset to the batch."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    kd_ok = k_ok[:, None] & d_ok[None, :]
+    start = tl.load(PTR + offs_k, mask=k_ok, other=0)
+    cnt = tl.load(PTR + offs_k + 1, mask=k_ok, other=0) - start
+    n_max = tl.max(cnt, 0)
+    kn = tl.load(K + h * skh + offs_k[:, None] * skn + offs_d[None, :], mask=kd_ok,
+                 other=0.0).to(ACC)
+    kn = kn * scale_hi + kn * scale_lo
+    vn = tl.load(V + h * svh + offs_k[:, None] * svn + offs_d[None, :], mask=kd_ok,
+                 other=0.0).to(ACC)
+    dk = tl.zeros([BLOCK_K, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_K, BLOCK_D], ACC)
+    for e0 in range(0, n_max, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        ok = offs_e[None, :] < cnt[:, None]
+        slot = tl.load(PERM + start[:, None] + offs_e[None, :], mask=ok, other=0)
+        qi = slot // M
+        ed_ok = ok[:, :, None] & d_ok[None, None, :]
+        qt = tl.load(Q + h * sqh + qi[:, :, None] * sqn + offs_d[None, None, :],
+                     mask=ed_ok, other=0.0).to(ACC)
+        dot = tl.load(DO + h * sdoh + qi[:, :, None] * sdon + offs_d[None, None, :],
+                      mask=ed_ok, other=0.0).to(ACC)
+        lse = tl.load(LSE + h * N + qi, mask=ok, other=float("inf"))
+        delta = tl.load(DELTA + h * N + qi, mask=ok, other=0.0)
+        s = tl.sum(qt * kn[:, None, :], 2)
+        if HAS_PE:
+            pe = tl.load(PEIDX + slot, mask=ok, other=0)
+            s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
+        p = tl.where(ok, tl.exp(s - lse), 0.0)
+        dp = tl.sum(dot * vn[:, None, :], 2)
+        ds = p * (dp - delta)
+        dv += tl.sum(p[:, :, None] * dot, 1)
+        dk += tl.sum(ds[:, :, None] * qt, 1)
+    _bwd_kv_store(DK, DV, h, offs_k, kd_ok, dk, dv, N, D, scale_hi, scale_lo, BLOCK_D)
+
+
+@triton.jit
+def _bwd_kv_store(DK, DV, h, offs_k, kd_ok, dk, dv, N, D, scale_hi, scale_lo,
+                  BLOCK_D: tl.constexpr):
+    dk = dk * scale_hi + dk * scale_lo
+    out_off = h * N * D + offs_k[:, None] * D + tl.arange(0, BLOCK_D)[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kd_ok)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kd_ok)
 
 
 @triton.jit
@@ -771,9 +923,6 @@ def _attn_bwd_kv_kernel(
     h_hi = tl.minimum(h_lo + HPG, H)
     offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < N
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    kd_ok = k_ok[:, None] & d_ok[None, :]
     PTR += b * (N + 1)
     PERM += b * N * M
     PEIDX += b * N * M
@@ -785,43 +934,159 @@ def _attn_bwd_kv_kernel(
     DV += b * H * N * D
     LSE += b * H * N
     DELTA += b * H * N
-    start = tl.load(PTR + offs_k, mask=k_ok, other=0)
-    cnt = tl.load(PTR + offs_k + 1, mask=k_ok, other=0) - start
-    n_max = tl.max(cnt, 0)
-
     for h in range(h_lo, h_hi):
-        kn = tl.load(K + h * skh + offs_k[:, None] * skn + offs_d[None, :], mask=kd_ok,
-                     other=0.0).to(ACC)
-        kn = kn * scale_hi + kn * scale_lo
-        vn = tl.load(V + h * svh + offs_k[:, None] * svn + offs_d[None, :], mask=kd_ok,
-                     other=0.0).to(ACC)
-        dk = tl.zeros([BLOCK_K, BLOCK_D], ACC)
-        dv = tl.zeros([BLOCK_K, BLOCK_D], ACC)
-        for e0 in range(0, n_max, BLOCK_E):
-            offs_e = e0 + tl.arange(0, BLOCK_E)
-            ok = offs_e[None, :] < cnt[:, None]
-            slot = tl.load(PERM + start[:, None] + offs_e[None, :], mask=ok, other=0)
-            qi = slot // M
-            ed_ok = ok[:, :, None] & d_ok[None, None, :]
-            qt = tl.load(Q + h * sqh + qi[:, :, None] * sqn + offs_d[None, None, :],
-                         mask=ed_ok, other=0.0).to(ACC)
-            dot = tl.load(DO + h * sdoh + qi[:, :, None] * sdon + offs_d[None, None, :],
-                          mask=ed_ok, other=0.0).to(ACC)
-            lse = tl.load(LSE + h * N + qi, mask=ok, other=float("inf"))
-            delta = tl.load(DELTA + h * N + qi, mask=ok, other=0.0)
-            s = tl.sum(qt * kn[:, None, :], 2)
-            if HAS_PE:
-                pe = tl.load(PEIDX + slot, mask=ok, other=0)
-                s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
-            p = tl.where(ok, tl.exp(s - lse), 0.0)
-            dp = tl.sum(dot * vn[:, None, :], 2)
-            ds = p * (dp - delta)
-            dv += tl.sum(p[:, :, None] * dot, 1)
-            dk += tl.sum(ds[:, :, None] * qt, 1)
-        dk = dk * scale_hi + dk * scale_lo
-        out_off = h * N * D + offs_k[:, None] * D + offs_d[None, :]
-        tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kd_ok)
-        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kd_ok)
+        _bwd_kv_rows(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k, k_ok,
+                     sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh, N, M, D,
+                     scale_hi, scale_lo, HAS_PE, BLOCK_K, BLOCK_E, BLOCK_D, ACC)
+
+
+@triton.jit
+def _group_key_kernel(IDX, MASK, GKEY, BAD, N, M, NKC, HAS_MASK: tl.constexpr,
+                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Group-level reverse-map keys: GKEY[b, g * J + j] = the key cluster that slot block j
+    (slots j*GROUP .. j*GROUP + GROUP-1) of query group g names, or NKC when no query of the
+    group uses that block. BAD[b] is raised when some group of batch b does not share one
+    key list, or a used block is not one whole key cluster in order (slot t of the block
+    naming token cluster * GROUP + t): then batch b needs the token-level map."""
+    g = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    J: tl.constexpr = BLOCK_M // GROUP
+    rows = tl.arange(0, GROUP)
+    offs_q = g * GROUP + rows
+    q_ok = offs_q < N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    off = offs_q[:, None] * M + offs_m[None, :]
+    ok = q_ok[:, None] & m_ok[None, :]
+    IDX += b * N * M
+    MASK += b * N * M
+    idx = tl.load(IDX + off, mask=ok, other=0)
+    if HAS_MASK:
+        ok = ok & (tl.load(MASK + off, mask=ok, other=0) != 0)
+    lead = tl.load(IDX + g * GROUP * M + offs_m, mask=m_ok, other=0)
+    stray = tl.max(tl.max((ok & (idx != lead[None, :])).to(tl.int32), 1), 0)
+    live = tl.max(ok.to(tl.int32), 0) > 0
+    t = offs_m % GROUP
+    in_range = (lead >= 0) & (lead < N)
+    misplaced = live & (((lead % GROUP) != t) | ~in_range)
+    c = lead // GROUP
+    c_hi = tl.max(tl.reshape(tl.where(live, c, -1), (J, GROUP)), 1)
+    c_lo = tl.min(tl.reshape(tl.where(live, c, NKC), (J, GROUP)), 1)
+    used = c_hi >= 0
+    split = used & (c_hi != c_lo)
+    bad = (stray > 0) | (tl.max(misplaced.to(tl.int32), 0) > 0) | \
+        (tl.max(split.to(tl.int32), 0) > 0)
+    offs_j = tl.arange(0, J)
+    n_blocks = M // GROUP
+    tl.store(GKEY + (b * tl.num_programs(0) + g) * n_blocks + offs_j,
+             tl.where(used, c_hi, NKC).to(GKEY.dtype.element_ty), mask=offs_j < n_blocks)
+    # Relaxed: read only by later kernels.
+    tl.atomic_max(BAD + b, bad.to(tl.int32), sem="relaxed")
+
+
+@triton.jit
+def _attn_bwd_kv_cluster_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, GPERM, GPTR, BAD, PEIDX, MASK, PE,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
+    spet, speh,
+    H, N, M, D, scale_hi, scale_lo, HPG, NHG,
+    HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+):
+    """Key side by key cluster: one program per GROUP consecutive keys. When every query
+    group of the batch shares its list and names whole key clusters (AFF's layout, checked
+    by _group_key_kernel), the group-level map lists which (query group, slot block) pairs
+    name this cluster; each pair is a dense GROUP x GROUP block of scores, so a chunk of
+    BLOCK_G pairs is flash-attention's key-side step on gathered query rows: transposed
+    scores K Q^T and dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q, all tl.dot (keys
+    padded to ROWS rows). Every query row is read once per key cluster, where the per-key
+    walk reads it once per key. Otherwise the program walks the token-level map."""
+    kc = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NHG).to(tl.int64)
+    h_lo = (pid_bh % NHG) * HPG
+    h_hi = tl.minimum(h_lo + HPG, H)
+    n_kc = tl.num_programs(0)
+    PTR += b * (N + 1)
+    PERM += b * N * M
+    PEIDX += b * N * M
+    MASK += b * N * M
+    Q += b * sqb
+    K += b * skb
+    V += b * svb
+    DO += b * sdob
+    DK += b * H * N * D
+    DV += b * H * N * D
+    LSE += b * H * N
+    DELTA += b * H * N
+    if tl.load(BAD + b) == 0:
+        n_blocks = M // GROUP
+        GPTR += b * (n_kc + 1)
+        GPERM += b * tl.cdiv(N, GROUP) * n_blocks
+        start = tl.load(GPTR + kc)
+        cnt = tl.load(GPTR + kc + 1) - start
+        t = tl.arange(0, ROWS)
+        keys = kc * GROUP + t
+        key_ok = (t < GROUP) & (keys < N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        kd_ok = key_ok[:, None] & d_ok[None, :]
+        # Column c of a chunk: query c % GROUP of the chunk's entry c // GROUP.
+        c = tl.arange(0, BLOCK_G * GROUP)
+        for h in range(h_lo, h_hi):
+            kn = tl.load(K + h * skh + keys[:, None] * skn + offs_d[None, :], mask=kd_ok,
+                         other=0.0)
+            vn = tl.load(V + h * svh + keys[:, None] * svn + offs_d[None, :], mask=kd_ok,
+                         other=0.0)
+            dk = tl.zeros([ROWS, BLOCK_D], ACC)
+            dv = tl.zeros([ROWS, BLOCK_D], ACC)
+            for e0 in range(0, cnt, BLOCK_G):
+                e_ok = e0 + c // GROUP < cnt
+                ent = tl.load(GPERM + start + e0 + c // GROUP, mask=e_ok, other=0)
+                qi = (ent // n_blocks) * GROUP + c % GROUP
+                q_ok = e_ok & (qi < N)
+                slot = qi * M + (ent % n_blocks) * GROUP
+                ok = key_ok[:, None] & q_ok[None, :]
+                off = slot[None, :] + t[:, None]
+                if HAS_MASK:
+                    ok = ok & (tl.load(MASK + off, mask=ok, other=0) != 0)
+                qd_ok = q_ok[:, None] & d_ok[None, :]
+                qt = tl.load(Q + h * sqh + qi[:, None] * sqn + offs_d[None, :], mask=qd_ok,
+                             other=0.0)
+                dot = tl.load(DO + h * sdoh + qi[:, None] * sdon + offs_d[None, :],
+                              mask=qd_ok, other=0.0)
+                lse = tl.load(LSE + h * N + qi, mask=q_ok, other=float("inf"))
+                delta = tl.load(DELTA + h * N + qi, mask=q_ok, other=0.0)
+                s = _mma(kn, tl.trans(qt), UPCAST).to(ACC)
+                s = s * scale_hi + s * scale_lo
+                if HAS_PE:
+                    pe = tl.load(PEIDX + off, mask=ok, other=0)
+                    s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
+                p = tl.where(ok, tl.exp(s - lse[None, :]), 0.0)
+                dp = _mma(vn, tl.trans(dot), UPCAST).to(ACC)
+                ds = p * (dp - delta[None, :])
+                if SPLIT:
+                    # hi + lo 16-bit parts keep ~16 significant bits of p and ds in the
+                    # tensor-core products (one cast would keep 8 for bf16).
+                    p_hi = p.to(dot.dtype)
+                    p_lo = (p - p_hi.to(ACC)).to(dot.dtype)
+                    dv += _mma(p_hi, dot, UPCAST) + _mma(p_lo, dot, UPCAST)
+                    ds_hi = ds.to(qt.dtype)
+                    ds_lo = (ds - ds_hi.to(ACC)).to(qt.dtype)
+                    dk += _mma(ds_hi, qt, UPCAST) + _mma(ds_lo, qt, UPCAST)
+                else:
+                    dv += _mma(p.to(dot.dtype), dot, UPCAST).to(ACC)
+                    dk += _mma(ds.to(qt.dtype), qt, UPCAST).to(ACC)
+            _bwd_kv_store(DK, DV, h, keys, kd_ok, dk, dv, N, D, scale_hi, scale_lo,
+                          BLOCK_D)
+    else:
+        offs_k = kc * GROUP + tl.arange(0, GROUP)
+        k_ok = offs_k < N
+        for h in range(h_lo, h_hi):
+            _bwd_kv_rows(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k,
+                         k_ok, sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh, N, M, D,
+                         scale_hi, scale_lo, HAS_PE, GROUP, BLOCK_E, BLOCK_D, ACC)
 
 
 @triton.jit
@@ -903,15 +1168,19 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     delta = torch.empty((B, H, N), dtype=acc, device=dev)
     dpe_mode = 0
     n_rep = 1
-    dpe = dsbuf = None
+    dpe = dsbuf = dpe_scale = None
     if has_pe and compute_pe:
-        if deterministic:
+        T = pe_table.shape[0]
+        if deterministic and q.dtype == torch.float64:
             dpe_mode = 2
             dsbuf = torch.empty((B * N * M, H), dtype=acc, device=dev)
         else:
-            dpe_mode = 1
-            n_rep = _dpe_replicas(pe_table.shape[0], H, acc)
-            dpe = torch.zeros((n_rep, pe_table.shape[0], H), dtype=acc, device=dev)
+            dpe_mode = 3 if deterministic else 1
+            sum_dtype = torch.int64 if deterministic else acc
+            n_rep = _dpe_replicas(T, H, sum_dtype)
+            dpe = torch.zeros((n_rep, T, H), dtype=sum_dtype, device=dev)
+            if deterministic:
+                dpe_scale = _dpe_fixed_scale(dout, v, blank_v if has_blank else None, B * H * N)
     if has_blank:
         dbk_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
         dbv_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
@@ -921,7 +1190,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
             q, k, v, out, dout, lse, delta, dq, idx, pe_idx, mask_u8, pe_t, bk, bv,
             dpe if dpe is not None else delta, dsbuf if dsbuf is not None else delta,
-            dbk_part, dbv_part,
+            dpe_scale if dpe_scale is not None else delta, dbk_part, dbv_part,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
@@ -936,28 +1205,57 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         if compute_kv:
             dk = torch.empty((B, H, N, D), dtype=k.dtype, device=dev)
             dv = torch.empty((B, H, N, D), dtype=v.dtype, device=dev)
-            if deterministic:
+            masks = mask_u8 if has_mask else None
+            kv_group = _kv_group_blocks(D, M, q.dtype)
+            bad = None
+            if kv_group is not None:
+                gperm, gptr, bad = _group_reverse_map(idx, masks, N)
+            if not deterministic:
+                # Batches flagged good get empty token-level lists: no sync needed.
+                perm, ptr = _reverse_map_counting(idx, masks, N, need=bad)
+            elif bad is None or bool(bad.any()):
                 perm, ptr = _reverse_map(idx, mask_b, N)
             else:
-                perm, ptr = _reverse_map_counting(idx, mask_u8 if has_mask else None, N)
-            BK_, BE, _, kv_warps = _attn_blocks(D, M, q.dtype, "bwd_kv")
-            kv_hpg, kv_nhg = _head_groups(triton.cdiv(N, BK_), B, H, dev)
-            _attn_bwd_kv_kernel[(triton.cdiv(N, BK_), B * kv_nhg)](
-                q, k, v, dout, lse, delta, dk, dv, perm, ptr, pe_idx, pe_t,
+                # One device sync spares the stable sort of all B*N*M slots (the
+                # deterministic mode's largest extra cost) when every batch takes the
+                # group-level map; the kernel never reads the token-level map then.
+                perm, ptr = gperm, gptr
+            kv_args = (
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
                 dout.stride(0), dout.stride(1), dout.stride(2),
                 pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
-                H, N, M, D, hi, lo, kv_hpg, kv_nhg,
-                HAS_PE=has_pe, BLOCK_K=BK_, BLOCK_E=BE, BLOCK_D=BD, ACC=_tl_acc(q.dtype),
-                num_warps=kv_warps,
             )
+            BK_, BE, KBD, kv_warps = _attn_blocks(D, M, q.dtype, "bwd_kv")
+            if kv_group is not None:
+                BG, GBD, gw = kv_group
+                n_kc = triton.cdiv(N, _GROUP)
+                kv_hpg, kv_nhg = _head_groups(n_kc, B, H, dev)
+                _attn_bwd_kv_cluster_kernel[(n_kc, B * kv_nhg)](
+                    q, k, v, dout, lse, delta, dk, dv, perm, ptr, gperm, gptr, bad,
+                    pe_idx, mask_u8, pe_t, *kv_args, H, N, M, D, hi, lo, kv_hpg, kv_nhg,
+                    HAS_PE=has_pe, HAS_MASK=has_mask, GROUP=_GROUP, ROWS=_GROUP_ROWS,
+                    BLOCK_G=BG, BLOCK_E=BE, BLOCK_D=GBD, **_dot_flags(q.dtype),
+                    ACC=_tl_acc(q.dtype), num_warps=gw,
+                )
+            else:
+                kv_hpg, kv_nhg = _head_groups(triton.cdiv(N, BK_), B, H, dev)
+                _attn_bwd_kv_kernel[(triton.cdiv(N, BK_), B * kv_nhg)](
+                    q, k, v, dout, lse, delta, dk, dv, perm, ptr, pe_idx, pe_t, *kv_args,
+                    H, N, M, D, hi, lo, kv_hpg, kv_nhg,
+                    HAS_PE=has_pe, BLOCK_K=BK_, BLOCK_E=BE, BLOCK_D=KBD,
+                    ACC=_tl_acc(q.dtype), num_warps=kv_warps,
+                )
         else:
             dk = q.new_empty(0, dtype=k.dtype)
             dv = q.new_empty(0, dtype=v.dtype)
 
         if dpe_mode == 1:
             dpe = dpe.sum(0)
+        if dpe_mode == 3:
+            # int64 replicas add up exactly; a zero scale means non-finite inputs.
+            dpe = torch.where(dpe_scale > 0, dpe.sum(0).to(torch.float64) / dpe_scale.double(),
+                              float("nan"))
         if dpe_mode == 2:
             dpe = _pe_grad_deterministic(dsbuf, pe_idx, mask_b, pe_table.shape[0], H, acc)
     dpe = dpe.to(pe_table.dtype) if dpe is not None else q.new_empty(0)

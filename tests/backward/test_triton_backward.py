@@ -37,12 +37,15 @@ KWARGS = ("pe_table", "pe_idx", "mask", "blank_k", "blank_v")
 
 
 def make_case(B, H, N, D, M, *, seed, T=7, pe=True, mask=True, blank=True, dup=True,
-              empty_rows=False, index_dtype=torch.int64, group=0, stray_every=0):
+              empty_rows=False, index_dtype=torch.int64, group=0, stray_every=0,
+              whole_clusters=False):
     """Random float64 inputs: member_idx with duplicates, masks with fully masked rows.
 
     group > 0: runs of ``group`` queries share one key list (AFF's clusters), with per-query
     masks and pe_idx, and no per-query duplicates; ``stray_every`` breaks the sharing of
-    every such group (see cluster.testing.grouped_member_idx)."""
+    every such group (see cluster.testing.grouped_member_idx). whole_clusters: lists of
+    whole key clusters as AFF builds them (cluster.testing.clustered_member_idx), the
+    layout the key-cluster backward needs; a short last cluster's slots are masked."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape, s=1.0):
@@ -50,7 +53,10 @@ def make_case(B, H, N, D, M, *, seed, T=7, pe=True, mask=True, blank=True, dup=T
 
     q, k, v = randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D)
     idx = torch.randint(0, N, (B, N, M), generator=g)
-    if group:
+    pad_valid = None
+    if whole_clusters:
+        idx, pad_valid = testing.clustered_member_idx(B, N, M, group=8, generator=g)
+    elif group:
         idx = testing.grouped_member_idx(B, N, M, group=group, generator=g,
                                          stray_every=stray_every)
     elif dup:
@@ -61,6 +67,8 @@ def make_case(B, H, N, D, M, *, seed, T=7, pe=True, mask=True, blank=True, dup=T
         valid = torch.rand(B, N, M, generator=g) > 0.2
         if empty_rows:
             valid[:, ::4] = False
+    if pad_valid is not None and not bool(pad_valid.all()):
+        valid = pad_valid if valid is None else valid & pad_valid
     pe_table = randn(T, H, s=0.5) if pe else None
     pe_idx = torch.randint(0, T, (B, N, M), generator=g).to(index_dtype).to(_DEV) if pe else None
     bk = randn(H, D) if blank else None
@@ -226,6 +234,122 @@ def test_group_shared_lists_backward_low_precision(dtype):
         assert ok, f"d{n}: err {err:.3e} > bound {bound:.3e}"
 
 
+# Lists of whole key clusters (AFF's layout, M a multiple of 8) take the key-cluster
+# backward: one program per 8 keys walking the group-level map. N=61 and 37 leave a short,
+# masked last cluster.
+KEY_CLUSTER_SHAPES = [
+    pytest.param((2, 3, 61, 12, 24), id="n61_h3_d12_m24"),
+    pytest.param((1, 2, 100, 20, 40), id="n100_h2_d20_m40"),
+    pytest.param((2, 2, 64, 16, 64), id="n64_h2_d16_m64"),
+    pytest.param((2, 2, 37, 7, 8), id="n37_h2_d7_m8"),
+]
+
+
+def _group_map(case):
+    mask = case["mask"]
+    return tk._group_reverse_map(case["member_idx"].contiguous(),
+                                 None if mask is None else mask.contiguous().view(torch.uint8),
+                                 case["q"].shape[2])
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("shape", KEY_CLUSTER_SHAPES)
+def test_key_cluster_backward_fp32(shape, flags, deterministic):
+    seed = zlib.crc32(repr((shape, flags, "kc")).encode()) % 1000
+    case = make_case(*shape, seed=seed, **flags, whole_clusters=True)
+    assert _group_map(case)[2].eq(0).all(), "inputs should take the key-cluster path"
+    dout = dout_for(case, seed)
+    ref_out, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
+    out, g = fwd_bwd(leaves(case, torch.float32), "triton", dout, deterministic=deterministic)
+    for n in ref_g:
+        assert_close(g[n], ref_g[n], 1e-3, f"d{n}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_key_cluster_backward_low_precision(dtype):
+    # The key-cluster kernel multiplies 16-bit operands on tensor cores (p and ds split
+    # into hi + lo parts): flash-attention's rule as above.
+    case = make_case(2, 2, 61, 32, 40, seed=29, whole_clusters=True)
+    assert _group_map(case)[2].eq(0).all()
+    dout = dout_for(case, 29)
+    _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
+    _, pt_g = fwd_bwd(leaves(case, dtype), "reference", dout)
+    _, g = fwd_bwd(leaves(case, dtype), "triton", dout)
+    for n in ref_g:
+        ok, err, bound = testing.within_lowp_rule(g[n], pt_g[n], ref_g[n], dtype)
+        assert ok, f"d{n}: err {err:.3e} > bound {bound:.3e}"
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+def test_key_cluster_backward_mixed_batches(deterministic):
+    # Batch 1 names one key out of its cluster's order: only it takes the token-level map.
+    case = make_case(2, 2, 64, 16, 24, seed=26, whole_clusters=True)
+    idx = case["member_idx"].clone()
+    idx[1, 8:16, 3] = (idx[1, 8:16, 3] + 1) % 64
+    case["member_idx"] = idx
+    case["mask"][1, 8:16, 3] = True
+    assert _group_map(case)[2].tolist() == [0, 1]
+    dout = dout_for(case, 26)
+    _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
+    _, g = fwd_bwd(leaves(case, torch.float32), "triton", dout, deterministic=deterministic)
+    for n in ref_g:
+        assert_close(g[n], ref_g[n], 1e-3, f"d{n}")
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+def test_key_cluster_gradcheck_fp64(deterministic):
+    case = make_case(1, 2, 19, 5, 16, seed=27, T=3, whole_clusters=True)
+    assert _group_map(case)[2].eq(0).all()
+    names = [n for n in PARAMS if case[n] is not None]
+    fixed = {n: case[n] for n in ("member_idx", "pe_idx", "mask")}
+
+    def f(*xs):
+        c = dict(fixed, **dict(zip(names, xs)))
+        kw = {n: c[n] for n in KWARGS}
+        return ops.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], **kw,
+                                     backend="triton", deterministic=deterministic)
+
+    xs = [case[n].clone().requires_grad_() for n in names]
+    nondet = 0.0 if deterministic or _DEV.type != "cuda" else 1e-12
+    assert torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True,
+                                    nondet_tol=nondet)
+
+
+def test_group_key_map_lists_and_flags():
+    B, N, M = 2, 37, 24
+    g = torch.Generator().manual_seed(28)
+    idx, valid = testing.clustered_member_idx(B, N, M, group=8, generator=g)
+    idx, valid = idx.to(_DEV), valid.to(_DEV)
+    live = valid.clone()
+    live[0, 16:24, 8:16] = False  # block 1 of group 2 unused in batch 0: no entry
+    gperm, gptr, bad = tk._group_reverse_map(idx, live.view(torch.uint8), N)
+    assert bad.tolist() == [0, 0]
+    n_groups, J = 5, 3
+    for b in range(B):
+        want = [[] for _ in range(n_groups)]
+        for gi in range(n_groups):
+            for j in range(J):
+                if live[b, gi * 8:(gi + 1) * 8, j * 8:(j + 1) * 8].any():
+                    want[int(idx[b, gi * 8, j * 8]) // 8].append(gi * J + j)
+        got = [gperm[b, int(gptr[b, c]):int(gptr[b, c + 1])].tolist() for c in range(n_groups)]
+        assert got == want
+    # A group whose queries differ, a block out of cluster order, an index out of range:
+    # each flags its batch (and only it); masked slots may hold anything. Without the
+    # padding mask the short last cluster's slots (all naming N - 1) are out of order.
+    assert tk._group_reverse_map(idx, None, N)[2].tolist() == [1, 1]
+    cases = {"stray": (0, 9, 2, lambda x: (x + 8) % N), "order": (0, 0, 1, lambda x: x ^ 1),
+             "range": (0, 0, 5, lambda x: x + 10 * N)}
+    for why, (b, q, s, f) in cases.items():
+        broken = idx.clone()
+        rows = slice(q, q + 1) if why == "stray" else slice(q, q + 8)
+        broken[b, rows, s] = f(broken[b, rows, s])
+        assert tk._group_reverse_map(broken, valid.view(torch.uint8), N)[2].tolist() == [1, 0], why
+        hidden = valid.clone()
+        hidden[b, rows, s] = False
+        assert tk._group_reverse_map(broken, hidden.view(torch.uint8), N)[2].tolist() == [0, 0], why
+
+
 def test_deterministic_is_bitwise_reproducible():
     case = make_case(2, 3, 61, 12, 24, seed=13, empty_rows=True)
     case["pe_idx"] = case["pe_idx"] % 2  # many slots per table row: long segments
@@ -239,6 +363,36 @@ def test_deterministic_is_bitwise_reproducible():
     _, gf = fwd_bwd(leaves(case, torch.float32), "triton", dout, deterministic=False)
     for n in g1:
         assert_close(gf[n], g1[n], 1e-4, f"d{n} fast vs deterministic")
+
+
+@pytest.mark.parametrize("magnitude", [1e-6, 1.0, 1e6], ids=["tiny", "unit", "huge"])
+def test_deterministic_pe_grad_fixed_point(magnitude):
+    # The deterministic d_pe_table sums ds in int64 fixed point with a scale taken from the
+    # inputs' magnitudes: it must stay float32-accurate whatever they are (a fixed scale
+    # would overflow on large gradients or round small ones to zero), in every table row.
+    case = make_case(2, 3, 61, 12, 24, seed=31, empty_rows=True)
+    case["pe_idx"] = case["pe_idx"] % 3  # long segments: many terms per table row
+    dout = dout_for(case, 31) * magnitude
+    c64 = leaves(case, torch.float64)
+    c64["v"] = (c64["v"] * magnitude).detach().requires_grad_()
+    _, ref_g = fwd_bwd(c64, "reference", dout)
+    c32 = leaves(case, torch.float32)
+    c32["v"] = (c32["v"] * magnitude).detach().requires_grad_()
+    _, g = fwd_bwd(c32, "triton", dout, deterministic=True)
+    ref = ref_g["pe_table"]
+    err = (g["pe_table"].double().cpu() - ref.cpu()).abs().max()
+    assert float(err) <= 1e-5 * float(ref.abs().max()), f"dpe_table: max abs err {float(err):.3e}"
+
+
+def test_deterministic_pe_grad_zero_and_nonfinite():
+    case = make_case(1, 2, 20, 8, 16, seed=32)
+    dout = torch.zeros_like(dout_for(case, 32))
+    _, g = fwd_bwd(leaves(case, torch.float32), "triton", dout, deterministic=True)
+    assert torch.equal(g["pe_table"], torch.zeros_like(g["pe_table"]))
+    dout[0, 1, 3, 2] = float("nan")
+    _, g = fwd_bwd(leaves(case, torch.float32), "triton", dout, deterministic=True)
+    _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
+    assert torch.isnan(ref_g["pe_table"]).any() and torch.isnan(g["pe_table"]).any()
 
 
 def test_deterministic_follows_torch_setting():
