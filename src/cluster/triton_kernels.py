@@ -30,7 +30,9 @@ before importing this module to run them on the CPU interpreter.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import struct
 
 import torch
 import triton
@@ -156,7 +158,10 @@ def _tl_acc(dtype: torch.dtype):
 def _split_scale(scale: float) -> tuple[float, float]:
     # Triton passes Python floats as fp32 on the GPU. A hi + lo pair keeps ~48 bits of
     # the scale for float64 kernels while fp32 kernels stay in fp32 arithmetic.
-    hi = float(torch.tensor(scale, dtype=torch.float32))
+    try:
+        hi = struct.unpack("f", struct.pack("f", scale))[0]
+    except OverflowError:  # beyond float32: the kernels see inf either way
+        hi = float(torch.tensor(scale, dtype=torch.float32))
     return hi, float(scale) - hi
 
 
@@ -225,8 +230,9 @@ def _head_groups(n_blocks: int, B: int, H: int, device: torch.device) -> tuple[i
 
 
 def _device_guard(t: torch.Tensor):
-    # Triton launches on the current CUDA device, which need not be the tensors'.
-    if t.device.type == "cuda":
+    # Triton launches on the current CUDA device, which need not be the tensors'. Entering
+    # torch.cuda.device costs host time on every launch, so only when it must switch.
+    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
 
@@ -244,27 +250,14 @@ def _dpe_replicas(T: int, H: int, acc_dtype: torch.dtype) -> int:
     return max(1, min(_DPE_MAX_REPLICAS, _DPE_REPLICA_BYTES // max(1, per_copy)))
 
 
-def _dpe_fixed_scale(dout: torch.Tensor, v: torch.Tensor, blank_v: torch.Tensor | None,
-                     n_queries: int) -> torch.Tensor:
-    """The deterministic d_pe_table's fixed-point scale: a power of two S (float32 [1], on
-    the device, so no sync) such that the sum of |ds| * S over the whole call stays below
-    2^62, so no int64 partial sum can overflow.
-
-    Bound: ds_j = p_j (dp_j - delta) with dp_j = dout . v_j and delta the p-weighted mean of
-    the dp (blank included), so |ds_j| <= 2 p_j A with A = D max|dout| max|v|, and the p of
-    one query and head sum to at most 1: the call's sum of |ds| is at most 2 A n_queries.
-    A factor 2 more covers float32 rounding. Against float32 sums in any order, the
-    rounding of each ds to a multiple of 1/S (at most 2^-62 of that bound) is negligible
-    where it matters: next to the gradient's largest entries.
-    """
-    amax_v = v.detach().abs().amax().double()
+def _dpe_fixed_amax(dout: torch.Tensor, v: torch.Tensor, blank_v: torch.Tensor | None):
+    """max |dout| and max |v| (blank included), 0-d tensors on the device, for the scale of
+    the deterministic d_pe_table's fixed-point sums, which the query-side kernel derives
+    (``_dpe_fixed_scale``): no sync, two or three reductions."""
+    amax_v = torch.linalg.vector_norm(v, ord=math.inf)
     if blank_v is not None:
-        amax_v = torch.maximum(amax_v, blank_v.detach().abs().amax().double())
-    bound = dout.detach().abs().amax().double() * amax_v * (4.0 * v.shape[-1] * n_queries)
-    # bound >= 2^-60 keeps S <= 2^122 (float32); inf or NaN gives S = 0 (flagged later).
-    exp = torch.floor(62.0 - torch.log2(bound.clamp_min(2.0 ** -60)))
-    scale = torch.where(torch.isfinite(bound), torch.exp2(exp), 0.0)
-    return scale.to(torch.float32).reshape(1)
+        amax_v = torch.maximum(amax_v, torch.linalg.vector_norm(blank_v, ord=math.inf))
+    return torch.linalg.vector_norm(dout, ord=math.inf), amax_v
 
 
 def _sort_key_dtype(n_keys: int) -> torch.dtype:
@@ -366,14 +359,16 @@ def _group_reverse_map(member_idx: torch.Tensor, mask_u8: torch.Tensor | None, n
     """The group-level reverse map of _group_key_kernel, as CSR: gperm [B, G * J] int32
     lists, per key cluster, the (query group g, slot block j) pairs ``g * J + j`` that
     name it (stable sort: fixed order, so both modes may use it), gptr [B, n_clusters + 1]
-    int32; and bad [B] int32, nonzero where batch b needs the token-level map instead.
-    G * J is N * M / 64 entries: a small sort next to the token-level map's."""
+    int32; bad [B] int32, nonzero where batch b needs the token-level map instead, and
+    any_bad [1], nonzero where some batch does (one element to read, no reduction).
+    G * J is N * M / 64 entries: a small sort next to the token-level map's. gperm stays
+    int64 as the sort returns it (a cast would be one more launch per step)."""
     B, N, M = member_idx.shape
     n_groups = triton.cdiv(N, _GROUP)
     dev = member_idx.device
     gkey = torch.empty((B, n_groups * (M // _GROUP)), dtype=_sort_key_dtype(n_groups),
                        device=dev)
-    bad = torch.zeros(B, dtype=torch.int32, device=dev)
+    bad = torch.zeros(B + 1, dtype=torch.int32, device=dev)
     with _device_guard(member_idx):
         _group_key_kernel[(n_groups, B)](
             member_idx, mask_u8 if mask_u8 is not None else member_idx, gkey, bad, N, M,
@@ -384,7 +379,7 @@ def _group_reverse_map(member_idx: torch.Tensor, mask_u8: torch.Tensor | None, n
     bounds = torch.arange(n_groups + 1, device=dev, dtype=gkey.dtype)
     gptr = torch.searchsorted(sorted_key, bounds.expand(B, n_groups + 1).contiguous(),
                               out_int32=True)
-    return gperm.to(torch.int32).contiguous(), gptr.contiguous(), bad
+    return gperm, gptr, bad[:B], bad[B:]
 
 
 @triton.jit
@@ -693,8 +688,8 @@ def _kv_group_blocks(D: int, M: int, dtype: torch.dtype):
         return None
     block_d = max(16, _np2(D))
     if _INTERPRET:
-        # The interpreter pays per program and per op: few, large chunks.
-        return 16, block_d, 4
+        # Chunks of 4 entries: the CPU suite's small lists still take several chunks.
+        return 4, block_d, 4
     # tl.dot wants >= 16 columns, i.e. two entries of 8 queries at least.
     return max(2, min(8, _KV_GROUP_TILE // (_GROUP * block_d))), block_d, warps
 
@@ -745,12 +740,30 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
 
 
 @triton.jit
+def _dpe_fixed_scale(AMAX_DO, AMAX_V, log2_c):
+    """Fixed-point scale S of the deterministic d_pe_table: a power of two such that the sum
+    of |ds| * S over the whole call stays below 2^61, so no int64 partial sum overflows.
+
+    Bound: ds_j = p_j (dp_j - delta) with dp_j = dout . v_j and delta the p-weighted mean of
+    the dp (blank included), so |ds_j| <= 2 p_j A with A = D max|dout| max|v|, and the p of
+    one query and head sum to at most 1: the call's sum of |ds| is at most 2 A n_queries;
+    ``log2_c`` = log2(4 D n_queries) adds a factor 2 for float32 rounding. Each ds is then
+    rounded to a multiple of 1/S, at most 2^-62 of that bound: negligible next to the
+    gradient's largest entries. S = 0 flags non-finite inputs (the sums then come out NaN).
+    """
+    lg = tl.log2(tl.load(AMAX_DO).to(tl.float32)) + tl.log2(tl.load(AMAX_V).to(tl.float32))
+    # Zero inputs give -inf: S = 2^121, still a float32, and every ds is 0 anyway.
+    e = tl.minimum(tl.floor(61.0 - (lg + log2_c)), 121.0)
+    return tl.where((e == e) & (e >= -126.0), tl.exp2(e), 0.0)
+
+
+@triton.jit
 def _attn_bwd_q_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV,
-    DPE, DSBUF, DPE_SCALE, DBK_PART, DBV_PART,
+    DPE, DSBUF, AMAX_DO, AMAX_V, DPE_SCALE, DBK_PART, DBV_PART,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
     spet, speh, sbkh, sbvh,
-    H, N, M, D, T, R, scale_hi, scale_lo, HPG, NHG,
+    H, N, M, D, T, R, scale_hi, scale_lo, HPG, NHG, log2_c,
     HAS_PE: tl.constexpr, DPE_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_BLANK: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
@@ -759,8 +772,9 @@ def _attn_bwd_q_kernel(
 
     DPE_MODE 0: no table gradient; 1: float atomics into DPE [R, T, H], replica
     ``lin % R``; 2: ds written to DSBUF [B, N, M, H] for a deterministic segment sum
-    afterwards; 3: like 1, but ds * DPE_SCALE[0] rounded to int64 (fixed point): integer
-    sums are exact, so the result is the same in any order.
+    afterwards; 3: like 1, but ds * S rounded to int64 (fixed point, S from
+    _dpe_fixed_scale, stored to DPE_SCALE by the first program): integer sums are exact,
+    so the result is the same in any order.
     """
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -794,7 +808,9 @@ def _attn_bwd_q_kernel(
         idx0, pe0, ok0, off0 = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M,
                                            HAS_PE, HAS_MASK, BLOCK_M)
     if DPE_MODE == 3:
-        dpe_scale = tl.load(DPE_SCALE)
+        dpe_scale = _dpe_fixed_scale(AMAX_DO, AMAX_V, log2_c)
+        if (pid == 0) & (pid_bh == 0):
+            tl.store(DPE_SCALE, dpe_scale)
 
     for h in range(h_lo, h_hi):
         q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
@@ -980,8 +996,9 @@ def _group_key_kernel(IDX, MASK, GKEY, BAD, N, M, NKC, HAS_MASK: tl.constexpr,
     n_blocks = M // GROUP
     tl.store(GKEY + (b * tl.num_programs(0) + g) * n_blocks + offs_j,
              tl.where(used, c_hi, NKC).to(GKEY.dtype.element_ty), mask=offs_j < n_blocks)
-    # Relaxed: read only by later kernels.
+    # Relaxed: read only by later kernels and the host. BAD[B] flags any batch.
     tl.atomic_max(BAD + b, bad.to(tl.int32), sem="relaxed")
+    tl.atomic_max(BAD + tl.num_programs(1), bad.to(tl.int32), sem="relaxed")
 
 
 @triton.jit
@@ -1169,6 +1186,8 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     dpe_mode = 0
     n_rep = 1
     dpe = dsbuf = dpe_scale = None
+    amax_do = amax_v = delta
+    log2_c = 0.0
     if has_pe and compute_pe:
         T = pe_table.shape[0]
         if deterministic and q.dtype == torch.float64:
@@ -1180,23 +1199,24 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             n_rep = _dpe_replicas(T, H, sum_dtype)
             dpe = torch.zeros((n_rep, T, H), dtype=sum_dtype, device=dev)
             if deterministic:
-                dpe_scale = _dpe_fixed_scale(dout, v, blank_v if has_blank else None, B * H * N)
-    if has_blank:
-        dbk_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
-        dbv_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
-    else:
-        dbk_part = dbv_part = delta
+                amax_do, amax_v = _dpe_fixed_amax(dout, v, blank_v if has_blank else None)
+                dpe_scale = torch.empty(1, dtype=torch.float32, device=dev)
+                log2_c = math.log2(4.0 * D * B * H * N)
+    # dbk and dbv partials in one buffer: one allocation, one sum, one cast.
+    blank_part = (torch.empty((2, B * n_qblocks, H, D), dtype=acc, device=dev)
+                  if has_blank else None)
+    dbk_part, dbv_part = (blank_part[0], blank_part[1]) if has_blank else (delta, delta)
     with _device_guard(q):
         _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
             q, k, v, out, dout, lse, delta, dq, idx, pe_idx, mask_u8, pe_t, bk, bv,
             dpe if dpe is not None else delta, dsbuf if dsbuf is not None else delta,
-            dpe_scale if dpe_scale is not None else delta, dbk_part, dbv_part,
+            amax_do, amax_v, dpe_scale if dpe_scale is not None else delta, dbk_part, dbv_part,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
             bk.stride(0) if has_blank else 0, bv.stride(0) if has_blank else 0,
-            H, N, M, D, pe_table.shape[0] if has_pe else 0, n_rep, hi, lo, hpg, nhg,
+            H, N, M, D, pe_table.shape[0] if has_pe else 0, n_rep, hi, lo, hpg, nhg, log2_c,
             HAS_PE=has_pe, DPE_MODE=dpe_mode, HAS_MASK=has_mask, HAS_BLANK=has_blank,
             ONE_CHUNK=BM >= M, BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, ACC=_tl_acc(q.dtype),
             num_warps=warps,
@@ -1208,18 +1228,21 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             masks = mask_u8 if has_mask else None
             kv_group = _kv_group_blocks(D, M, q.dtype)
             bad = None
+            need_tokens = True
             if kv_group is not None:
-                gperm, gptr, bad = _group_reverse_map(idx, masks, N)
-            if not deterministic:
-                # Batches flagged good get empty token-level lists: no sync needed.
-                perm, ptr = _reverse_map_counting(idx, masks, N, need=bad)
-            elif bad is None or bool(bad.any()):
+                gperm, gptr, bad, any_bad = _group_reverse_map(idx, masks, N)
+                # One device sync: when every batch takes the group-level map, the
+                # token-level map (a counting sort, or in the deterministic mode a stable
+                # sort of all B*N*M slots) is never read, and its launches cost more
+                # host time than the sync.
+                need_tokens = bool(any_bad)
+            if not need_tokens:
+                perm, ptr = gptr, gptr  # unread
+            elif deterministic:
                 perm, ptr = _reverse_map(idx, mask_b, N)
             else:
-                # One device sync spares the stable sort of all B*N*M slots (the
-                # deterministic mode's largest extra cost) when every batch takes the
-                # group-level map; the kernel never reads the token-level map then.
-                perm, ptr = gperm, gptr
+                # Batches flagged good get empty lists.
+                perm, ptr = _reverse_map_counting(idx, masks, N, need=bad)
             kv_args = (
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -1253,15 +1276,15 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         if dpe_mode == 1:
             dpe = dpe.sum(0)
         if dpe_mode == 3:
-            # int64 replicas add up exactly; a zero scale means non-finite inputs.
-            dpe = torch.where(dpe_scale > 0, dpe.sum(0).to(torch.float64) / dpe_scale.double(),
-                              float("nan"))
+            # int64 replicas add up exactly; S = 0 (non-finite inputs) gives NaN / inf.
+            dpe = dpe.sum(0).double().div_(dpe_scale)
         if dpe_mode == 2:
             dpe = _pe_grad_deterministic(dsbuf, pe_idx, mask_b, pe_table.shape[0], H, acc)
     dpe = dpe.to(pe_table.dtype) if dpe is not None else q.new_empty(0)
     if has_blank:
-        dbk = dbk_part.sum(0).to(blank_k.dtype)
-        dbv = dbv_part.sum(0).to(blank_v.dtype)
+        sums = blank_part.sum(1)
+        # Each in its own parameter's dtype (q's or float32, independently).
+        dbk, dbv = sums[0].to(blank_k.dtype), sums[1].to(blank_v.dtype)
     else:
         dbk, dbv = q.new_empty(0), q.new_empty(0)
     return dq, dk, dv, dpe, dbk, dbv
