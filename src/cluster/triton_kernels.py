@@ -752,9 +752,11 @@ def _dpe_fixed_scale(AMAX_DO, AMAX_V, log2_c):
     gradient's largest entries. S = 0 flags non-finite inputs (the sums then come out NaN).
     """
     lg = tl.log2(tl.load(AMAX_DO).to(tl.float32)) + tl.log2(tl.load(AMAX_V).to(tl.float32))
-    # Zero inputs give -inf: S = 2^121, still a float32, and every ds is 0 anyway.
-    e = tl.minimum(tl.floor(61.0 - (lg + log2_c)), 121.0)
-    return tl.where((e == e) & (e >= -126.0), tl.exp2(e), 0.0)
+    e = tl.floor(61.0 - (lg + log2_c))
+    # NaN (checked before tl.minimum, which drops NaN on the GPU) or an infinite bound: S = 0.
+    ok = (e == e) & (e >= -126.0)
+    # Zero inputs give e = +inf: S = 2^121, still a float32, and every ds is 0 anyway.
+    return tl.where(ok, tl.exp2(tl.minimum(e, 121.0)), 0.0)
 
 
 @triton.jit
@@ -1202,7 +1204,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                 amax_do, amax_v = _dpe_fixed_amax(dout, v, blank_v if has_blank else None)
                 dpe_scale = torch.empty(1, dtype=torch.float32, device=dev)
                 log2_c = math.log2(4.0 * D * B * H * N)
-    # dbk and dbv partials in one buffer: one allocation, one sum, one cast.
+    # dbk and dbv partials in one buffer: one allocation.
     blank_part = (torch.empty((2, B * n_qblocks, H, D), dtype=acc, device=dev)
                   if has_blank else None)
     dbk_part, dbv_part = (blank_part[0], blank_part[1]) if has_blank else (delta, delta)
@@ -1228,21 +1230,19 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             masks = mask_u8 if has_mask else None
             kv_group = _kv_group_blocks(D, M, q.dtype)
             bad = None
-            need_tokens = True
             if kv_group is not None:
                 gperm, gptr, bad, any_bad = _group_reverse_map(idx, masks, N)
-                # One device sync: when every batch takes the group-level map, the
-                # token-level map (a counting sort, or in the deterministic mode a stable
-                # sort of all B*N*M slots) is never read, and its launches cost more
-                # host time than the sync.
-                need_tokens = bool(any_bad)
-            if not need_tokens:
-                perm, ptr = gptr, gptr  # unread
-            elif deterministic:
+            if not deterministic:
+                # Batches flagged good get empty lists; no sync (on a GPU-bound step a
+                # sync here would leave the GPU idle while the host launches the rest).
+                perm, ptr = _reverse_map_counting(idx, masks, N, need=bad)
+            elif bad is None or bool(any_bad):
                 perm, ptr = _reverse_map(idx, mask_b, N)
             else:
-                # Batches flagged good get empty lists.
-                perm, ptr = _reverse_map_counting(idx, masks, N, need=bad)
+                # One device sync spares the stable sort of all B*N*M slots (the
+                # deterministic mode's largest extra cost) when every batch takes the
+                # group-level map; the kernel never reads the token-level map then.
+                perm, ptr = gptr, gptr
             kv_args = (
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -1282,9 +1282,9 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             dpe = _pe_grad_deterministic(dsbuf, pe_idx, mask_b, pe_table.shape[0], H, acc)
     dpe = dpe.to(pe_table.dtype) if dpe is not None else q.new_empty(0)
     if has_blank:
-        sums = blank_part.sum(1)
-        # Each in its own parameter's dtype (q's or float32, independently).
-        dbk, dbv = sums[0].to(blank_k.dtype), sums[1].to(blank_v.dtype)
+        # Two sums, not one split in two: the custom op's outputs must not share storage.
+        dbk = blank_part[0].sum(0).to(blank_k.dtype)
+        dbv = blank_part[1].sum(0).to(blank_v.dtype)
     else:
         dbk, dbv = q.new_empty(0), q.new_empty(0)
     return dq, dk, dv, dpe, dbk, dbv
