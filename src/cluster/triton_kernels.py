@@ -1062,7 +1062,9 @@ def _attn_bwd_kv_cluster_kernel(
             dv = tl.zeros([ROWS, BLOCK_D], ACC)
             for e0 in range(0, cnt, BLOCK_G):
                 e_ok = e0 + c // GROUP < cnt
-                ent = tl.load(GPERM + start + e0 + c // GROUP, mask=e_ok, other=0)
+                # int64 as torch.sort returns it; int32 arithmetic from here on (64-bit
+                # division is emulated on the GPU: 0.63 vs 0.45 ms for this kernel).
+                ent = tl.load(GPERM + start + e0 + c // GROUP, mask=e_ok, other=0).to(tl.int32)
                 qi = (ent // n_blocks) * GROUP + c % GROUP
                 q_ok = e_ok & (qi < N)
                 slot = qi * M + (ent % n_blocks) * GROUP
