@@ -109,6 +109,29 @@ def assert_close(x, ref, tol, what=""):
     assert bool((err <= tol + tol * ref.abs()).all()), f"{what}: max abs err {float(err.max()):.3e}"
 
 
+def gradcheck_triton(case, deterministic):
+    """torch.autograd.gradcheck of the triton op in float64 over every float input of case.
+
+    gradcheck runs the backward twice and compares. The fast mode adds d_pe_table with
+    float atomics, whose order varies on a GPU (seen on the H100: a last-bit difference),
+    so it gets a tolerance far below the check's own; the deterministic mode gets none."""
+    names = [n for n in PARAMS if case[n] is not None]
+    fixed = {n: case[n] for n in ("member_idx", "pe_idx", "mask")}
+
+    def f(*xs):
+        c = dict(fixed, **dict(zip(names, xs)))
+        for n in PARAMS:
+            c.setdefault(n, None)
+        kw = {n: c[n] for n in KWARGS}
+        return ops.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], **kw,
+                                     backend="triton", deterministic=deterministic)
+
+    xs = [case[n].clone().requires_grad_() for n in names]
+    nondet = 0.0 if deterministic or _DEV.type != "cuda" else 1e-12
+    return torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True,
+                                    nondet_tol=nondet)
+
+
 def dout_for(case, seed):
     g = torch.Generator().manual_seed(seed + 7919)
     return torch.randn(case["q"].shape, generator=g, dtype=torch.float64).to(_DEV)
@@ -161,25 +184,7 @@ def test_backward_fp64_matches_reference(index_dtype):
                          ids=["pe_mask_blank", "empty_rows"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
 def test_gradcheck_fp64(flags, deterministic):
-    case = make_case(1, 2, 9, 5, 6, seed=12, T=3, **flags)
-    names = [n for n in PARAMS if case[n] is not None]
-    fixed = {n: case[n] for n in ("member_idx", "pe_idx", "mask")}
-
-    def f(*xs):
-        c = dict(fixed, **dict(zip(names, xs)))
-        for n in PARAMS:
-            c.setdefault(n, None)
-        kw = {n: c[n] for n in KWARGS}
-        return ops.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], **kw,
-                                     backend="triton", deterministic=deterministic)
-
-    xs = [case[n].clone().requires_grad_() for n in names]
-    # gradcheck runs the backward twice and compares. The fast mode adds d_pe_table with
-    # float atomics, whose order varies on a GPU (seen on the H100: a last-bit difference),
-    # so it gets a tolerance far below the check's own; the deterministic mode gets none.
-    nondet = 0.0 if deterministic or _DEV.type != "cuda" else 1e-12
-    assert torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True,
-                                    nondet_tol=nondet)
+    assert gradcheck_triton(make_case(1, 2, 9, 5, 6, seed=12, T=3, **flags), deterministic)
 
 
 # Queries sharing key lists in groups of 8 (AFF's clusters): the forward's group kernel
@@ -207,17 +212,7 @@ def test_group_shared_lists_backward_fp32(shape, flags, stray_every, determinist
 @pytest.mark.parametrize("stray_every", STRAYS)
 def test_group_shared_lists_gradcheck_fp64(stray_every):
     case = make_case(1, 2, 19, 5, 6, seed=23, T=3, group=8, stray_every=stray_every)
-    names = [n for n in PARAMS if case[n] is not None]
-    fixed = {n: case[n] for n in ("member_idx", "pe_idx", "mask")}
-
-    def f(*xs):
-        c = dict(fixed, **dict(zip(names, xs)))
-        kw = {n: c[n] for n in KWARGS}
-        return ops.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], **kw,
-                                     backend="triton", deterministic=True)
-
-    xs = [case[n].clone().requires_grad_() for n in names]
-    assert torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+    assert gradcheck_triton(case, deterministic=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -333,19 +328,7 @@ def test_key_cluster_backward_mixed_batches(deterministic):
 def test_key_cluster_gradcheck_fp64(deterministic):
     case = make_case(1, 2, 19, 5, 16, seed=27, T=3, whole_clusters=True)
     assert _group_map(case)[2].eq(0).all()
-    names = [n for n in PARAMS if case[n] is not None]
-    fixed = {n: case[n] for n in ("member_idx", "pe_idx", "mask")}
-
-    def f(*xs):
-        c = dict(fixed, **dict(zip(names, xs)))
-        kw = {n: c[n] for n in KWARGS}
-        return ops.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], **kw,
-                                     backend="triton", deterministic=deterministic)
-
-    xs = [case[n].clone().requires_grad_() for n in names]
-    nondet = 0.0 if deterministic or _DEV.type != "cuda" else 1e-12
-    assert torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True,
-                                    nondet_tol=nondet)
+    assert gradcheck_triton(case, deterministic)
 
 
 def test_group_key_map_lists_and_flags():
