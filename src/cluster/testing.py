@@ -32,6 +32,7 @@ __all__ = [
     "make_inputs",
     "grouped_member_idx",
     "clustered_member_idx",
+    "random_case",
     "check_config",
     "max_errors",
     "within_fp32_tolerance",
@@ -247,6 +248,50 @@ def clustered_member_idx(B: int, N: int, M: int, *, group: int,
     idx = tok.reshape(B, n_groups, M).repeat_interleave(group, dim=1)[:, :N]
     valid = valid.reshape(B, n_groups, M).repeat_interleave(group, dim=1)[:, :N]
     return idx.contiguous(), valid.contiguous()
+
+
+def random_case(B: int, H: int, N: int, D: int, M: int, *, seed: int, device="cpu", T: int = 7,
+                pe: bool = True, mask: bool = True, blank: bool = True, dup: bool = True,
+                empty_rows: bool = False, index_dtype: torch.dtype = torch.int64,
+                group: int = 0, stray_every: int = 0, whole_clusters: bool = False) -> dict:
+    """Random float64 kernel-test inputs (dict of the op's arguments by name): member_idx
+    with duplicates (a quarter of the slots repeat slot 0's key), masks with ~20 % of the
+    slots off, and with ``empty_rows`` every fourth query fully masked.
+
+    group > 0: runs of ``group`` queries share one key list (AFF's clusters), with per-query
+    masks and pe_idx, and no per-query duplicates; ``stray_every`` breaks the sharing of
+    every such group (see grouped_member_idx). whole_clusters: lists of whole key clusters
+    as AFF builds them (clustered_member_idx), the layout of the key-cluster backward; a
+    short last cluster's slots are masked."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(device)
+
+    q, k, v = randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D)
+    idx = torch.randint(0, N, (B, N, M), generator=g)
+    pad_valid = None
+    if whole_clusters:
+        idx, pad_valid = clustered_member_idx(B, N, M, group=8, generator=g)
+    elif group:
+        idx = grouped_member_idx(B, N, M, group=group, generator=g, stray_every=stray_every)
+    elif dup:
+        rep = torch.rand(B, N, M, generator=g) < 0.25
+        idx = torch.where(rep, idx[..., :1].expand_as(idx), idx)
+    valid = None
+    if mask or empty_rows:
+        valid = torch.rand(B, N, M, generator=g) > 0.2
+        if empty_rows:
+            valid[:, ::4] = False
+    if pad_valid is not None and not bool(pad_valid.all()):
+        valid = pad_valid if valid is None else valid & pad_valid
+    pe_table = randn(T, H, s=0.5) if pe else None
+    pe_idx = torch.randint(0, T, (B, N, M), generator=g).to(index_dtype).to(device) if pe else None
+    bk = randn(H, D) if blank else None
+    bv = randn(H, D) if blank else None
+    return dict(q=q, k=k, v=v, member_idx=idx.to(index_dtype).to(device), pe_table=pe_table,
+                pe_idx=pe_idx, mask=None if valid is None else valid.to(device),
+                blank_k=bk, blank_v=bv)
 
 
 def max_errors(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:

@@ -36,46 +36,9 @@ PARAMS = ("q", "k", "v", "pe_table", "blank_k", "blank_v")
 KWARGS = ("pe_table", "pe_idx", "mask", "blank_k", "blank_v")
 
 
-def make_case(B, H, N, D, M, *, seed, T=7, pe=True, mask=True, blank=True, dup=True,
-              empty_rows=False, index_dtype=torch.int64, group=0, stray_every=0,
-              whole_clusters=False):
-    """Random float64 inputs: member_idx with duplicates, masks with fully masked rows.
-
-    group > 0: runs of ``group`` queries share one key list (AFF's clusters), with per-query
-    masks and pe_idx, and no per-query duplicates; ``stray_every`` breaks the sharing of
-    every such group (see cluster.testing.grouped_member_idx). whole_clusters: lists of
-    whole key clusters as AFF builds them (cluster.testing.clustered_member_idx), the
-    layout the key-cluster backward needs; a short last cluster's slots are masked."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, s=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(_DEV)
-
-    q, k, v = randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D)
-    idx = torch.randint(0, N, (B, N, M), generator=g)
-    pad_valid = None
-    if whole_clusters:
-        idx, pad_valid = testing.clustered_member_idx(B, N, M, group=8, generator=g)
-    elif group:
-        idx = testing.grouped_member_idx(B, N, M, group=group, generator=g,
-                                         stray_every=stray_every)
-    elif dup:
-        rep = torch.rand(B, N, M, generator=g) < 0.25
-        idx = torch.where(rep, idx[..., :1].expand_as(idx), idx)
-    valid = None
-    if mask or empty_rows:
-        valid = torch.rand(B, N, M, generator=g) > 0.2
-        if empty_rows:
-            valid[:, ::4] = False
-    if pad_valid is not None and not bool(pad_valid.all()):
-        valid = pad_valid if valid is None else valid & pad_valid
-    pe_table = randn(T, H, s=0.5) if pe else None
-    pe_idx = torch.randint(0, T, (B, N, M), generator=g).to(index_dtype).to(_DEV) if pe else None
-    bk = randn(H, D) if blank else None
-    bv = randn(H, D) if blank else None
-    return dict(q=q, k=k, v=v, member_idx=idx.to(index_dtype).to(_DEV), pe_table=pe_table,
-                pe_idx=pe_idx, mask=None if valid is None else valid.to(_DEV),
-                blank_k=bk, blank_v=bv)
+def make_case(*shape, **kw):
+    """cluster.testing.random_case on this module's device."""
+    return testing.random_case(*shape, device=_DEV, **kw)
 
 
 def leaves(case, dtype, param_dtype=None, only=None):

@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from cluster import ops, reference, testing  # noqa: E402
+from cluster.testing import random_case as make_case  # noqa: E402
 
 _DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 _WHY = ops.backend_unavailable_reason("triton", _DEV, torch.float32)
@@ -33,41 +34,6 @@ def _worker_device(device):
 
 if _WHY is None:
     from cluster import triton_kernels as tk
-
-
-def make_case(B, H, N, D, M, *, seed, T=7, pe=True, mask=True, blank=True, dup=True,
-              empty_rows=False, index_dtype=torch.int64, device="cpu", group=0, stray_every=0):
-    """Random float64 inputs: member_idx with duplicates, masks with fully masked rows.
-
-    group > 0: runs of ``group`` queries share one key list (AFF's clusters), with per-query
-    masks and pe_idx, and no per-query duplicates (they would break the sharing);
-    ``stray_every`` breaks the sharing of every such group."""
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, s=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(device)
-
-    q, k, v = randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D)
-    idx = torch.randint(0, N, (B, N, M), generator=g)
-    if group:
-        idx = testing.grouped_member_idx(B, N, M, group=group, generator=g,
-                                         stray_every=stray_every)
-    elif dup:
-        # A quarter of the slots repeat slot 0's key: the same key named several times.
-        rep = torch.rand(B, N, M, generator=g) < 0.25
-        idx = torch.where(rep, idx[..., :1].expand_as(idx), idx)
-    valid = None
-    if mask or empty_rows:
-        valid = torch.rand(B, N, M, generator=g) > 0.2
-        if empty_rows:
-            valid[:, ::4] = False
-    pe_table = randn(T, H, s=0.5) if pe else None
-    pe_idx = torch.randint(0, T, (B, N, M), generator=g).to(index_dtype).to(device) if pe else None
-    bk = randn(H, D) if blank else None
-    bv = randn(H, D) if blank else None
-    return dict(q=q, k=k, v=v, member_idx=idx.to(index_dtype).to(device), pe_table=pe_table,
-                pe_idx=pe_idx, mask=None if valid is None else valid.to(device),
-                blank_k=bk, blank_v=bv)
 
 
 def cast(case, dtype, param_dtype=None):
