@@ -72,6 +72,27 @@ def assert_close(x, ref, tol, what=""):
     assert bool((err <= tol + tol * ref.abs()).all()), f"{what}: max abs err {float(err.max()):.3e}"
 
 
+def assert_grads_fp32(case, seed, deterministic):
+    """The triton backward in float32 against the float64 reference, every gradient."""
+    dout = dout_for(case, seed)
+    _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
+    _, g = fwd_bwd(leaves(case, torch.float32), "triton", dout, deterministic=deterministic)
+    for n in ref_g:
+        assert_close(g[n], ref_g[n], 1e-3, f"d{n}")
+
+
+def assert_grads_lowp(case, seed, dtype):
+    """flash-attention's rule per gradient: error at most 2x that of PyTorch in the same
+    dtype, plus a small absolute term."""
+    dout = dout_for(case, seed)
+    _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
+    _, pt_g = fwd_bwd(leaves(case, dtype), "reference", dout)
+    _, g = fwd_bwd(leaves(case, dtype), "triton", dout)
+    for n in ref_g:
+        ok, err, bound = testing.within_lowp_rule(g[n], pt_g[n], ref_g[n], dtype)
+        assert ok, f"d{n}: err {err:.3e} > bound {bound:.3e}"
+
+
 def gradcheck_triton(case, deterministic):
     """torch.autograd.gradcheck of the triton op in float64 over every float input of case.
 
@@ -180,16 +201,8 @@ def test_group_shared_lists_gradcheck_fp64(stray_every):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_group_shared_lists_backward_low_precision(dtype):
-    # flash-attention's rule per gradient: error at most 2x that of PyTorch in the same
-    # dtype, plus a small absolute term.
     case = make_case(2, 2, 61, 32, 40, seed=24, group=8)
-    dout = dout_for(case, 24)
-    _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
-    _, pt_g = fwd_bwd(leaves(case, dtype), "reference", dout)
-    _, g = fwd_bwd(leaves(case, dtype), "triton", dout)
-    for n in ref_g:
-        ok, err, bound = testing.within_lowp_rule(g[n], pt_g[n], ref_g[n], dtype)
-        assert ok, f"d{n}: err {err:.3e} > bound {bound:.3e}"
+    assert_grads_lowp(case, 24, dtype)
 
 
 # Lists of whole key clusters (AFF's layout, M a multiple of 8) take the key-cluster
@@ -217,11 +230,7 @@ def test_key_cluster_backward_fp32(shape, flags, deterministic):
     seed = zlib.crc32(repr((shape, flags, "kc")).encode()) % 1000
     case = make_case(*shape, seed=seed, **flags, whole_clusters=True)
     assert _group_map(case)[2].eq(0).all(), "inputs should take the key-cluster path"
-    dout = dout_for(case, seed)
-    ref_out, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
-    out, g = fwd_bwd(leaves(case, torch.float32), "triton", dout, deterministic=deterministic)
-    for n in ref_g:
-        assert_close(g[n], ref_g[n], 1e-3, f"d{n}")
+    assert_grads_fp32(case, seed, deterministic)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -230,13 +239,7 @@ def test_key_cluster_backward_low_precision(dtype):
     # into hi + lo parts): flash-attention's rule as above.
     case = make_case(2, 2, 61, 32, 40, seed=29, whole_clusters=True)
     assert _group_map(case)[2].eq(0).all()
-    dout = dout_for(case, 29)
-    _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
-    _, pt_g = fwd_bwd(leaves(case, dtype), "reference", dout)
-    _, g = fwd_bwd(leaves(case, dtype), "triton", dout)
-    for n in ref_g:
-        ok, err, bound = testing.within_lowp_rule(g[n], pt_g[n], ref_g[n], dtype)
-        assert ok, f"d{n}: err {err:.3e} > bound {bound:.3e}"
+    assert_grads_lowp(case, 29, dtype)
 
 
 def test_key_cluster_backward_bf16_keeps_p_and_ds_bits():
@@ -264,11 +267,7 @@ def test_key_cluster_backward_hot_cluster(deterministic):
     case["member_idx"] = idx
     gperm, gptr, bad, _any = _group_map(case)
     assert bad.eq(0).all() and int(gptr[0, 1] - gptr[0, 0]) >= 13
-    dout = dout_for(case, 33)
-    _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
-    _, g = fwd_bwd(leaves(case, torch.float32), "triton", dout, deterministic=deterministic)
-    for n in ref_g:
-        assert_close(g[n], ref_g[n], 1e-3, f"d{n}")
+    assert_grads_fp32(case, 33, deterministic)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
@@ -280,11 +279,7 @@ def test_key_cluster_backward_mixed_batches(deterministic):
     case["member_idx"] = idx
     case["mask"][1, 8:16, 3] = True
     assert _group_map(case)[2].tolist() == [0, 1]
-    dout = dout_for(case, 26)
-    _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
-    _, g = fwd_bwd(leaves(case, torch.float32), "triton", dout, deterministic=deterministic)
-    for n in ref_g:
-        assert_close(g[n], ref_g[n], 1e-3, f"d{n}")
+    assert_grads_fp32(case, 26, deterministic)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
