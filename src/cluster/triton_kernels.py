@@ -76,10 +76,11 @@ TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
 # tiles) per kind and value width; 0 = the per-query / per-key kernel. The group forward
 # takes 16-bit forwards at affmae_stage1 on the H100 from 0.367 to 0.255 ms, but float32
 # from 0.54 to >= 1.04 ms (ieee) or 0.58 (tf32x3): float32 tl.dot runs on FMA units through
-# shared-memory layouts (benchmarks/tune_group.py, results/tune-group-*.log). Likewise the
-# key-cluster backward takes a bf16 step on the H200 from 1.74 to 1.40 ms and float32 from
-# 2.30 to >= 3.25 (results/tune-kv-dot-*.log). The interpreter ignores the 0s, so the CPU
-# suite checks the group kernels in every dtype.
+# shared-memory layouts (benchmarks/tune_group.py, results/tune-group-*.log). The key-cluster
+# backward takes the bf16 key side from 0.65 ms (per-key kernel, H100) + 0.19 ms (its map) to
+# 0.46 + 0.05 ms (H200, kernel profiles; the two GPUs ran the other kernels within 4 % of each
+# other), but a float32 step from 2.30 to >= 3.25 ms (results/tune-kv-dot-*.log). The
+# interpreter ignores the 0s, so the CPU suite checks the group kernels in every dtype.
 TUNING_GROUP: dict[tuple[str, int], int] = {
     ("fwd", 4): 0, ("fwd", 2): 1, ("bwd_kv", 4): 0, ("bwd_kv", 2): 2,
 }
@@ -671,7 +672,9 @@ def _group_blocks(D: int, M: int, dtype: torch.dtype):
 
 
 # Elements of the key-cluster backward's [BLOCK_G * GROUP, BLOCK_D] query tiles: 4 map
-# entries at D = 32 (2, 8 and 16 entries per chunk were slower on the H200).
+# entries at D = 32 (with 2 warps: 0.46 ms at affmae_stage1 bf16 on the H200, against 0.61
+# for 8 entries and 4 warps; other settings were only compared by step times, which are
+# host-bound there).
 _KV_GROUP_TILE = 1024
 
 
