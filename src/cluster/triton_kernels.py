@@ -357,13 +357,14 @@ def _reverse_map_counting(member_idx: torch.Tensor, mask_u8: torch.Tensor | None
 
 
 def _group_reverse_map(member_idx: torch.Tensor, mask_u8: torch.Tensor | None, n_keys: int):
-    """The group-level reverse map of _group_key_kernel, as CSR: gperm [B, G * J] int32
+    """The group-level reverse map of _group_key_kernel, as CSR: gperm [B, G * J] (int64)
     lists, per key cluster, the (query group g, slot block j) pairs ``g * J + j`` that
     name it (stable sort: fixed order, so both modes may use it), gptr [B, n_clusters + 1]
     int32; bad [B] int32, nonzero where batch b needs the token-level map instead, and
     any_bad [1], nonzero where some batch does (one element to read, no reduction).
     G * J is N * M / 64 entries: a small sort next to the token-level map's. gperm stays
-    int64 as the sort returns it (a cast would be one more launch per step)."""
+    int64 as the sort returns it (a cast would be one more launch per step); the kernel
+    reads it into int32."""
     B, N, M = member_idx.shape
     n_groups = triton.cdiv(N, _GROUP)
     dev = member_idx.device
