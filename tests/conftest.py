@@ -74,6 +74,17 @@ def require_backend(name: str, device: torch.device, dtype: torch.dtype) -> None
 
 
 @pytest.fixture
+def group_kernels_on(monkeypatch):
+    """Every group kernel of the triton backend on, in every dtype: TUNING_GROUP has them
+    off for float32 (and float64, which uses the float32 entries), on the GPU and in the
+    interpreter alike, so the tests of those kernels switch them on here."""
+    from cluster import triton_kernels as tk
+
+    for key, warps in list(tk.TUNING_GROUP.items()):
+        monkeypatch.setitem(tk.TUNING_GROUP, key, warps or 2)
+
+
+@pytest.fixture
 def cuda(device) -> torch.device:
     """This worker's GPU with the CUDA extension loaded, else skip with the backend's reason."""
     require_backend("cuda", device, torch.float32)

@@ -80,7 +80,8 @@ TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
 # backward takes the bf16 key side from 0.65 ms (per-key kernel, H100) + 0.19 ms (its map) to
 # 0.46 + 0.05 ms (H200, kernel profiles; the two GPUs ran the other kernels within 4 % of each
 # other), but a float32 step from 2.30 to >= 3.25 ms (results/tune-kv-dot-*.log). The
-# interpreter ignores the 0s, so the CPU suite checks the group kernels in every dtype.
+# interpreter follows this table too; the group kernels' tests switch them on in float32 /
+# float64 (tests/conftest.py, group_kernels_on).
 TUNING_GROUP: dict[tuple[str, int], int] = {
     ("fwd", 4): 0, ("fwd", 2): 1, ("bwd_kv", 4): 0, ("bwd_kv", 2): 2,
 }
@@ -667,9 +668,9 @@ def _group_blocks(D: int, M: int, dtype: torch.dtype):
     if dtype == torch.float64 and not _INTERPRET:
         return None
     warps = TUNING_GROUP["fwd", _width(dtype)]
-    if not warps and not _INTERPRET:
+    if not warps:
         return None
-    return block_m, block_d, _chunk_slots("fwd", dtype, _GROUP, block_d, M), warps or 4
+    return block_m, block_d, _chunk_slots("fwd", dtype, _GROUP, block_d, M), warps
 
 
 # Elements of the key-cluster backward's [BLOCK_G * GROUP, BLOCK_D] query tiles: 4 map
@@ -682,13 +683,18 @@ _KV_GROUP_TILE = 1024
 def _kv_group_blocks(D: int, M: int, dtype: torch.dtype):
     """(BLOCK_G (map entries per chunk), BLOCK_D, num_warps) of the key-cluster backward, or
     None for the per-key kernel: M not whole slot blocks, the kernel off in TUNING_GROUP, or
-    float64 on a GPU (no float64 tl.dot there; the interpreter runs it)."""
+    float64 on a GPU (no float64 tl.dot there; the interpreter runs it).
+
+    TUNING_GROUP holds in the interpreter too: the group kernels' programs own 8 queries or
+    keys where the per-query / per-key kernels' own 64 there, so the CPU suite's large
+    float32 cases would take minutes longer. Tests of these kernels in float32 / float64
+    switch them on (tests/conftest.py, group_kernels_on)."""
     if M % _GROUP or M < _GROUP:
         return None
     if dtype == torch.float64 and not _INTERPRET:
         return None
     warps = TUNING_GROUP["bwd_kv", _width(dtype)]
-    if not warps and not _INTERPRET:
+    if not warps:
         return None
     block_d = max(16, _np2(D))
     if _INTERPRET:

@@ -178,6 +178,7 @@ GROUP_SHAPES = SHAPES[:3] + [pytest.param((2, 2, 64, 16, 64), id="n64_h2_d16_m64
 STRAYS = [pytest.param(0, id="shared"), pytest.param(2, id="strays")]
 
 
+@pytest.mark.usefixtures("group_kernels_on")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
 @pytest.mark.parametrize("stray_every", STRAYS)
 @pytest.mark.parametrize("flags", FLAGS)
@@ -193,6 +194,7 @@ def test_group_shared_lists_backward_fp32(shape, flags, stray_every, determinist
         assert_close(g[n], ref_g[n], 1e-3, f"d{n}")
 
 
+@pytest.mark.usefixtures("group_kernels_on")
 @pytest.mark.parametrize("stray_every", STRAYS)
 def test_group_shared_lists_gradcheck_fp64(stray_every):
     case = make_case(1, 2, 19, 5, 6, seed=23, T=3, group=8, stray_every=stray_every)
@@ -223,6 +225,7 @@ def _group_map(case):
                                  case["q"].shape[2])
 
 
+@pytest.mark.usefixtures("group_kernels_on")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
 @pytest.mark.parametrize("flags", FLAGS)
 @pytest.mark.parametrize("shape", KEY_CLUSTER_SHAPES)
@@ -230,6 +233,7 @@ def test_key_cluster_backward_fp32(shape, flags, deterministic):
     seed = zlib.crc32(repr((shape, flags, "kc")).encode()) % 1000
     case = make_case(*shape, seed=seed, **flags, whole_clusters=True)
     assert _group_map(case)[2].eq(0).all(), "inputs should take the key-cluster path"
+    assert tk._kv_group_blocks(shape[3], shape[4], torch.float32) is not None
     assert_grads_fp32(case, seed, deterministic)
 
 
@@ -257,6 +261,7 @@ def test_key_cluster_backward_bf16_keeps_p_and_ds_bits():
         assert rms(g[n]) <= 0.85 * rms(pt_g[n]), f"d{n}: {rms(g[n]):.3e} vs {rms(pt_g[n]):.3e}"
 
 
+@pytest.mark.usefixtures("group_kernels_on")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
 def test_key_cluster_backward_hot_cluster(deterministic):
     # Every query group names key cluster 0 in its first slot block: that cluster's list
@@ -270,6 +275,7 @@ def test_key_cluster_backward_hot_cluster(deterministic):
     assert_grads_fp32(case, 33, deterministic)
 
 
+@pytest.mark.usefixtures("group_kernels_on")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
 def test_key_cluster_backward_mixed_batches(deterministic):
     # Batch 1 names one key out of its cluster's order: only it takes the token-level map.
@@ -282,6 +288,7 @@ def test_key_cluster_backward_mixed_batches(deterministic):
     assert_grads_fp32(case, 26, deterministic)
 
 
+@pytest.mark.usefixtures("group_kernels_on")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
 def test_key_cluster_gradcheck_fp64(deterministic):
     case = make_case(1, 2, 19, 5, 16, seed=27, T=3, whole_clusters=True)
