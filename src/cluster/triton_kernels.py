@@ -85,6 +85,14 @@ TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
 TUNING_GROUP: dict[tuple[str, int], int] = {
     ("fwd", 4): 0, ("fwd", 2): 1, ("bwd_kv", 4): 0, ("bwd_kv", 2): 2,
 }
+# Heads per tile of the group kernels (1 or 2). A cluster has 8 queries (or keys) where
+# tl.dot wants 16 rows: with 2, the other 8 rows are the same tokens in the next head
+# (block-diagonal tiles, see _attn_fwd_cluster_kernel) instead of padding. Kernel times on
+# the H200, bf16 (results/tune-heads-*.log): the key-cluster backward with 2 heads (and 2
+# map entries per chunk, _KV_GROUP_TILE) takes affmae_stage1 from 0.46 to 0.40 ms and the
+# other AFF shapes 12-27 % down; the forward with 2 heads doubles its gathered k / v tiles
+# and slows from 0.23 to 0.41 ms (1 warp) or 0.45 (2 warps), so it keeps 1.
+TUNING_GROUP_HEADS: dict[str, int] = {"fwd": 1, "bwd_kv": 2}
 
 
 def _interpreter_numpy_shim() -> None:
@@ -215,9 +223,11 @@ def _attn_blocks(D: int, M: int, dtype: torch.dtype, kind: str):
 _SM_COUNT: dict[int, int] = {}
 
 
-def _head_groups(n_blocks: int, B: int, H: int, device: torch.device) -> tuple[int, int]:
+def _head_groups(n_blocks: int, B: int, H: int, device: torch.device,
+                 step: int = 1) -> tuple[int, int]:
     """(heads per program, head groups): split the head loop only when the
-    (row block, batch) grid alone would leave streaming multiprocessors idle."""
+    (row block, batch) grid alone would leave streaming multiprocessors idle. ``step``:
+    heads per iteration of the program's loop; each program gets a multiple of it."""
     if device.type != "cuda":
         return H, 1
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -228,6 +238,7 @@ def _head_groups(n_blocks: int, B: int, H: int, device: torch.device) -> tuple[i
     if have >= target:
         return H, 1
     hpg = -(-H // min(H, -(-target // have)))
+    hpg = -(-hpg // step) * step
     return hpg, -(-H // hpg)
 
 
@@ -307,19 +318,22 @@ def _block_keys(IDX, MASK, NEED, NM, NK, HAS_MASK: tl.constexpr, HAS_NEED: tl.co
 @triton.jit
 def _key_count_kernel(IDX, MASK, NEED, COUNT, NM, NK, HAS_MASK: tl.constexpr,
                       HAS_NEED: tl.constexpr, BLOCK: tl.constexpr):
-    """COUNT[b, key] += 1 for every valid slot (integer atomics: exact in any order)."""
+    """COUNT[b, key] += 1 for every valid slot (integer atomics: exact in any order);
+    COUNT is [B, NK + 1]."""
     b, _offs, key, ok = _block_keys(IDX, MASK, NEED, NM, NK, HAS_MASK, HAS_NEED, BLOCK)
     # Relaxed: only the totals matter, read after the kernel (triton's default, acq_rel,
     # orders every atomic against other memory traffic).
-    tl.atomic_add(COUNT + b * NK + key, 1, mask=ok, sem="relaxed")
+    tl.atomic_add(COUNT + b * (NK + 1) + key, 1, mask=ok, sem="relaxed")
 
 
 @triton.jit
 def _key_fill_kernel(IDX, MASK, NEED, CURSOR, PERM, NM, NK, HAS_MASK: tl.constexpr,
                      HAS_NEED: tl.constexpr, BLOCK: tl.constexpr):
-    """PERM[b, CURSOR[b, key]++] = slot: each slot takes the next free place of its key."""
+    """PERM[b, --CURSOR[b, key]] = slot: CURSOR [B, NK + 1] starts as the inclusive
+    prefix sums of the counts, so each key's list fills from its end and CURSOR ends as
+    the lists' starts, i.e. the CSR's ptr."""
     b, offs, key, ok = _block_keys(IDX, MASK, NEED, NM, NK, HAS_MASK, HAS_NEED, BLOCK)
-    pos = tl.atomic_add(CURSOR + b * NK + key, 1, mask=ok, sem="relaxed")
+    pos = tl.atomic_add(CURSOR + b * (NK + 1) + key, -1, mask=ok, sem="relaxed") - 1
     tl.store(PERM + b * NM + pos, offs, mask=ok)
 
 
@@ -339,7 +353,9 @@ def _reverse_map_counting(member_idx: torch.Tensor, mask_u8: torch.Tensor | None
     B, N, M = member_idx.shape
     NM = N * M
     dev = member_idx.device
-    count = torch.zeros((B, n_keys), dtype=torch.int32, device=dev)
+    # One [B, n_keys + 1] buffer holds the counts, then their inclusive sums, then (after
+    # the fill counts them back down) the CSR's ptr: three host ops fewer per backward.
+    count = torch.zeros((B, n_keys + 1), dtype=torch.int32, device=dev)
     perm = torch.empty((B, NM), dtype=torch.int32, device=dev)
     has_mask = mask_u8 is not None
     masks = mask_u8 if has_mask else member_idx  # any tensor: unread without HAS_MASK
@@ -348,13 +364,11 @@ def _reverse_map_counting(member_idx: torch.Tensor, mask_u8: torch.Tensor | None
         _key_count_kernel[grid](member_idx, masks, need if need is not None else count, count,
                                 NM, n_keys, HAS_MASK=has_mask, HAS_NEED=need is not None,
                                 BLOCK=_KEY_BLOCK)
-        ptr = torch.zeros((B, n_keys + 1), dtype=torch.int32, device=dev)
-        torch.cumsum(count, dim=1, dtype=torch.int32, out=ptr[:, 1:])
-        count.copy_(ptr[:, :-1])
+        count.cumsum_(1)
         _key_fill_kernel[grid](member_idx, masks, need if need is not None else count, count,
                                perm, NM, n_keys, HAS_MASK=has_mask, HAS_NEED=need is not None,
                                BLOCK=_KEY_BLOCK)
-    return perm, ptr
+    return perm, count
 
 
 def _group_reverse_map(member_idx: torch.Tensor, mask_u8: torch.Tensor | None, n_keys: int):
@@ -474,20 +488,21 @@ def _fwd_rows(
         vt = _gather_rows(V, h * svh, idx, offs_d, kd_ok, svn, ACC)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt, 1)
         m_i = m_new
-    _fwd_store(O, LSE, h, offs_q, q_ok, acc, m_i, l_i, soh, son, N, D, BLOCK_D)
+    _fwd_store(O, LSE, h * soh + offs_q * son, h * N + offs_q, q_ok, offs_d, qd_ok, acc, m_i,
+               l_i)
 
 
 @triton.jit
-def _fwd_store(O, LSE, h, offs_q, q_ok, acc, m_i, l_i, soh, son, N, D, BLOCK_D: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
+def _fwd_store(O, LSE, o_row, lse_row, q_ok, cols, col_ok, acc, m_i, l_i):
+    """Normalised rows and their log-sum-exp: row r goes to O + o_row[r] + cols and
+    LSE + lse_row[r] (offsets, so that one tile may hold rows of several heads)."""
     has = l_i > 0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
     # lse = +inf on empty rows makes the backward's exp(logit - lse) exactly 0.
     lse = tl.where(has, m_i + tl.log(l_safe), float("inf"))
-    tl.store(O + h * soh + offs_q[:, None] * son + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=q_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(LSE + h * N + offs_q, lse, mask=q_ok)
+    tl.store(O + o_row[:, None] + cols[None, :], out.to(O.dtype.element_ty), mask=col_ok)
+    tl.store(LSE + lse_row, lse, mask=q_ok)
 
 
 @triton.jit
@@ -544,13 +559,16 @@ def _mma(a, b, UPCAST: tl.constexpr):
 
 @triton.jit
 def _group_slots(IDX, PEIDX, MASK, pid, N, M, HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr,
-                 GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Slots of the GROUP queries from pid * GROUP (padded to ROWS rows for tl.dot), the
-    group's lead key list (its first query's), and whether the group shares it: every
-    valid slot of every query names the lead's key in that slot."""
+                 GROUP: tl.constexpr, ROWS: tl.constexpr, HEADS: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """Slots of the GROUP queries from pid * GROUP, the group's lead key list (its first
+    query's), and whether the group shares it: every valid slot of every query names the
+    lead's key in that slot. The tile has ROWS rows (>= 16 for tl.dot): row r is query
+    r % GROUP of the group, in head slot r // GROUP; rows of head slots >= HEADS are
+    padding (q_ok false)."""
     rows = tl.arange(0, ROWS)
-    offs_q = pid * GROUP + rows
-    q_ok = (rows < GROUP) & (offs_q < N)
+    offs_q = pid * GROUP + rows % GROUP
+    q_ok = (rows < GROUP * HEADS) & (offs_q < N)
     row_off = offs_q * M
     idx, pe, ok, _off = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M, HAS_PE, HAS_MASK,
                                    BLOCK_M)
@@ -569,15 +587,20 @@ def _attn_fwd_cluster_kernel(
     spet, speh, sbkh, sbvh,
     H, N, M, D, scale_hi, scale_lo, HPG, NHG,
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BLANK: tl.constexpr,
-    GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    GEN_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, GEN_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """One program per GROUP consecutive queries. AFF gives all tokens of a cluster the
     same key list, so the group's keys and values are gathered once as [BLOCK_M, BLOCK_D]
-    tiles and the scores and outputs are tl.dot products (ROWS >= 16 rows, the real
-    GROUP padded), instead of every query gathering its own copies. A group whose queries
-    name different keys falls back to the per-query path (_fwd_rows), so any member_idx
-    stays correct."""
+    tiles and the scores and outputs are tl.dot products, instead of every query gathering
+    its own copies. tl.dot wants >= 16 rows where a group has 8 queries, so the tile holds
+    the group's queries in HEADS heads at once (row r: head h + r // GROUP): the columns
+    are HEADS blocks of BLOCK_D, q is block-diagonal (row r nonzero in its head's block
+    only) and k, v hold each head's rows in its block, so q k^T gives every row its own
+    head's scores and p v its own head's output in its block; the elementwise softmax work
+    has no padded rows. A group whose queries name different keys falls back to the
+    per-query path (_fwd_rows), so any member_idx stays correct."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // NHG).to(tl.int64)
@@ -593,33 +616,40 @@ def _attn_fwd_cluster_kernel(
     LSE += b * H * N
     NEG_INF = float("-inf")
     offs_q, q_ok, pe, ok, lead, live, shared = _group_slots(
-        IDX, PEIDX, MASK, pid, N, M, HAS_PE, HAS_MASK, GROUP, ROWS, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    qd_ok = q_ok[:, None] & d_ok[None, :]
-    kv_ok = live[:, None] & d_ok[None, :]
+        IDX, PEIDX, MASK, pid, N, M, HAS_PE, HAS_MASK, GROUP, ROWS, HEADS, BLOCK_M)
+    hr = tl.arange(0, ROWS) // GROUP  # head slot of each row
+    cols = tl.arange(0, HEADS * BLOCK_D)
+    hc = cols // BLOCK_D  # head slot of each column
+    dc = cols % BLOCK_D
+    in_head = (hc[None, :] == hr[:, None]) & (dc < D)[None, :]
     if shared:
-        for h in range(h_lo, h_hi):
-            q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
-                        other=0.0)
-            k = tl.load(K + h * skh + lead[:, None] * skn + offs_d[None, :], mask=kv_ok,
-                        other=0.0)
+        for h in range(h_lo, h_hi, HEADS):
+            r_ok = q_ok & (h + hr < h_hi)
+            s_ok = ok & r_ok[:, None]
+            rd_ok = r_ok[:, None] & in_head
+            kv_ok = live[:, None] & ((dc < D) & (h + hc < h_hi))[None, :]
+            q = tl.load(Q + (h + hr)[:, None] * sqh + offs_q[:, None] * sqn + dc[None, :],
+                        mask=rd_ok, other=0.0)
+            k = tl.load(K + (h + hc)[None, :] * skh + lead[:, None] * skn + dc[None, :],
+                        mask=kv_ok, other=0.0)
             s = _mma(q, tl.trans(k), UPCAST).to(ACC)
             s = s * scale_hi + s * scale_lo
             if HAS_PE:
-                s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
-            s = tl.where(ok, s, NEG_INF)
+                s += tl.load(PE + pe * spet + (h + hr)[:, None] * speh, mask=s_ok,
+                             other=0.0).to(ACC)
+            s = tl.where(s_ok, s, NEG_INF)
             m_i = tl.max(s, 1)
             if HAS_BLANK:
-                bk = tl.load(BK + h * sbkh + offs_d, mask=d_ok, other=0.0).to(ACC)
-                sb = tl.sum(q.to(ACC) * bk[None, :], 1)
+                bk = tl.load(BK + (h + hr)[:, None] * sbkh + dc[None, :], mask=rd_ok,
+                             other=0.0).to(ACC)
+                sb = tl.sum(q.to(ACC) * bk, 1)
                 sb = sb * scale_hi + sb * scale_lo
                 m_i = tl.maximum(m_i, sb)
             m_use = tl.where(m_i == NEG_INF, 0.0, m_i)
             p = tl.exp(s - m_use[:, None])
             l_i = tl.sum(p, 1)
-            v = tl.load(V + h * svh + lead[:, None] * svn + offs_d[None, :], mask=kv_ok,
-                        other=0.0)
+            v = tl.load(V + (h + hc)[None, :] * svh + lead[:, None] * svn + dc[None, :],
+                        mask=kv_ok, other=0.0)
             if SPLIT:
                 # Probabilities as hi + lo 16-bit parts: two tensor-core products keep
                 # ~16 significant bits of p where one cast would keep 8 (bf16).
@@ -629,11 +659,13 @@ def _attn_fwd_cluster_kernel(
             else:
                 acc = _mma(p, v, UPCAST).to(ACC)
             if HAS_BLANK:
-                bv = tl.load(BV + h * sbvh + offs_d, mask=d_ok, other=0.0).to(ACC)
+                bv = tl.load(BV + (h + hr)[:, None] * sbvh + dc[None, :], mask=rd_ok,
+                             other=0.0).to(ACC)
                 pb = tl.exp(sb - m_use)
                 l_i += pb
-                acc += pb[:, None] * bv[None, :]
-            _fwd_store(O, LSE, h, offs_q, q_ok, acc, m_use, l_i, soh, son, N, D, BLOCK_D)
+                acc += pb[:, None] * bv
+            _fwd_store(O, LSE, (h + hr) * soh + offs_q * son, (h + hr) * N + offs_q, r_ok,
+                       dc, rd_ok, acc, m_use, l_i)
     else:
         offs_g = pid * GROUP + tl.arange(0, GROUP)
         g_ok = offs_g < N
@@ -658,7 +690,8 @@ def _dot_flags(dtype: torch.dtype) -> dict:
 
 
 def _group_blocks(D: int, M: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_D, fallback slots per chunk, num_warps) of the group forward, or None
+    """(BLOCK_M, BLOCK_D, heads per tile, fallback slots per chunk, num_warps) of the group
+    forward, or None
     for the per-query kernel: key list too long for one tile, the group kernel off in
     TUNING_GROUP for this dtype, or float64 on a GPU (Triton has no float64 tl.dot there;
     the interpreter runs it, which is how the suite checks the group kernel in float64)."""
@@ -670,20 +703,24 @@ def _group_blocks(D: int, M: int, dtype: torch.dtype):
     warps = TUNING_GROUP["fwd", _width(dtype)]
     if not warps:
         return None
-    return block_m, block_d, _chunk_slots("fwd", dtype, _GROUP, block_d, M), warps
+    heads = TUNING_GROUP_HEADS["fwd"]
+    if block_m * block_d * heads > _GROUP_TILE // (2 if dtype == torch.float64 else 1):
+        heads = 1  # the k / v tiles hold every head's columns
+    return block_m, block_d, heads, _chunk_slots("fwd", dtype, _GROUP, block_d, M), warps
 
 
-# Elements of the key-cluster backward's [BLOCK_G * GROUP, BLOCK_D] query tiles: 4 map
-# entries at D = 32 (with 2 warps: 0.46 ms at affmae_stage1 bf16 on the H200, against 0.61
-# for 8 entries and 4 warps; other settings were only compared by step times, which are
-# host-bound there).
-_KV_GROUP_TILE = 1024
+# Elements of the key-cluster backward's [BLOCK_G * GROUP, BLOCK_D] query tiles (per head):
+# 2 map entries at D = 32. Kernel times on the H200, bf16, with 2 heads per tile and 2 warps:
+# affmae_stage1 0.40 ms against 0.56 for 4 entries; with 1 head, 4 entries and 2 warps
+# (the previous setting) 0.46 (results/tune-heads-*.log).
+_KV_GROUP_TILE = 512
 
 
 def _kv_group_blocks(D: int, M: int, dtype: torch.dtype):
-    """(BLOCK_G (map entries per chunk), BLOCK_D, num_warps) of the key-cluster backward, or
-    None for the per-key kernel: M not whole slot blocks, the kernel off in TUNING_GROUP, or
-    float64 on a GPU (no float64 tl.dot there; the interpreter runs it).
+    """(BLOCK_G (map entries per chunk), BLOCK_D, heads per tile, num_warps) of the
+    key-cluster backward, or None for the per-key kernel: M not whole slot blocks, the
+    kernel off in TUNING_GROUP, or float64 on a GPU (no float64 tl.dot there; the
+    interpreter runs it).
 
     TUNING_GROUP holds in the interpreter too: the group kernels' programs own 8 queries or
     keys where the per-query / per-key kernels' own 64 there, so the CPU suite's large
@@ -699,9 +736,10 @@ def _kv_group_blocks(D: int, M: int, dtype: torch.dtype):
     block_d = max(16, _np2(D))
     if _INTERPRET:
         # Chunks of 4 entries: the CPU suite's small lists still take several chunks.
-        return 4, block_d, 4
+        return 4, block_d, TUNING_GROUP_HEADS["bwd_kv"], 4
     # tl.dot wants >= 16 columns, i.e. two entries of 8 queries at least.
-    return max(2, min(8, _KV_GROUP_TILE // (_GROUP * block_d))), block_d, warps
+    return (max(2, min(8, _KV_GROUP_TILE // (_GROUP * block_d))), block_d,
+            TUNING_GROUP_HEADS["bwd_kv"], warps)
 
 
 def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale):
@@ -729,12 +767,13 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
     grouped = _group_blocks(D, M, q.dtype)
     with _device_guard(q):
         if grouped is not None:
-            BM, BD, GM, warps = grouped
+            BM, BD, heads, GM, warps = grouped
             n_blocks = triton.cdiv(N, _GROUP)
-            hpg, nhg = _head_groups(n_blocks, B, H, q.device)
+            hpg, nhg = _head_groups(n_blocks, B, H, q.device, heads)
             _attn_fwd_cluster_kernel[(n_blocks, B * nhg)](
                 *args, H, N, M, D, hi, lo, hpg, nhg, **flags, GROUP=_GROUP, ROWS=_GROUP_ROWS,
-                BLOCK_M=BM, BLOCK_D=BD, GEN_M=GM, **_dot_flags(q.dtype), num_warps=warps,
+                HEADS=heads, BLOCK_M=BM, BLOCK_D=BD, GEN_M=GM, **_dot_flags(q.dtype),
+                num_warps=warps,
             )
         else:
             BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "fwd")
@@ -921,16 +960,26 @@ def _bwd_kv_rows(
         ds = p * (dp - delta)
         dv += tl.sum(p[:, :, None] * dot, 1)
         dk += tl.sum(ds[:, :, None] * qt, 1)
-    _bwd_kv_store(DK, DV, h, offs_k, kd_ok, dk, dv, N, D, scale_hi, scale_lo, BLOCK_D)
+    _bwd_kv_store(DK, DV, h * N * D + offs_k * D, offs_d, kd_ok, dk, dv, scale_hi, scale_lo)
 
 
 @triton.jit
-def _bwd_kv_store(DK, DV, h, offs_k, kd_ok, dk, dv, N, D, scale_hi, scale_lo,
-                  BLOCK_D: tl.constexpr):
+def _bwd_kv_store(DK, DV, row_off, cols, ok, dk, dv, scale_hi, scale_lo):
+    """Row r of dk / dv to DK / DV + row_off[r] + cols (dk still without the scale)."""
     dk = dk * scale_hi + dk * scale_lo
-    out_off = h * N * D + offs_k[:, None] * D + tl.arange(0, BLOCK_D)[None, :]
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kd_ok)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kd_ok)
+    out_off = row_off[:, None] + cols[None, :]
+    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=ok)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _bwd_kv_batch(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, b,
+                  sqb, skb, svb, sdob, H, N, M, D):
+    """The key-side kernels' pointers offset to batch b (dk, dv, lse and delta are
+    contiguous [B, H, N(, D)]; the maps and pe_idx [B, N * M], ptr [B, N + 1])."""
+    return (Q + b * sqb, K + b * skb, V + b * svb, DO + b * sdob, LSE + b * H * N,
+            DELTA + b * H * N, DK + b * H * N * D, DV + b * H * N * D, PERM + b * N * M,
+            PTR + b * (N + 1), PEIDX + b * N * M)
 
 
 @triton.jit
@@ -951,17 +1000,8 @@ def _attn_bwd_kv_kernel(
     h_hi = tl.minimum(h_lo + HPG, H)
     offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < N
-    PTR += b * (N + 1)
-    PERM += b * N * M
-    PEIDX += b * N * M
-    Q += b * sqb
-    K += b * skb
-    V += b * svb
-    DO += b * sdob
-    DK += b * H * N * D
-    DV += b * H * N * D
-    LSE += b * H * N
-    DELTA += b * H * N
+    Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX = _bwd_kv_batch(
+        Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, b, sqb, skb, svb, sdob, H, N, M, D)
     for h in range(h_lo, h_hi):
         _bwd_kv_rows(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k, k_ok,
                      sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh, N, M, D,
@@ -979,21 +1019,11 @@ def _group_key_kernel(IDX, MASK, GKEY, BAD, N, M, NKC, HAS_MASK: tl.constexpr,
     g = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     J: tl.constexpr = BLOCK_M // GROUP
-    rows = tl.arange(0, GROUP)
-    offs_q = g * GROUP + rows
-    q_ok = offs_q < N
-    offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    off = offs_q[:, None] * M + offs_m[None, :]
-    ok = q_ok[:, None] & m_ok[None, :]
     IDX += b * N * M
     MASK += b * N * M
-    idx = tl.load(IDX + off, mask=ok, other=0)
-    if HAS_MASK:
-        ok = ok & (tl.load(MASK + off, mask=ok, other=0) != 0)
-    lead = tl.load(IDX + g * GROUP * M + offs_m, mask=m_ok, other=0)
-    stray = tl.max(tl.max((ok & (idx != lead[None, :])).to(tl.int32), 1), 0)
-    live = tl.max(ok.to(tl.int32), 0) > 0
+    _q, _q_ok, _pe, _ok, lead, live, shared = _group_slots(
+        IDX, IDX, MASK, g, N, M, False, HAS_MASK, GROUP, GROUP, 1, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
     t = offs_m % GROUP
     in_range = (lead >= 0) & (lead < N)
     misplaced = live & (((lead % GROUP) != t) | ~in_range)
@@ -1002,7 +1032,7 @@ def _group_key_kernel(IDX, MASK, GKEY, BAD, N, M, NKC, HAS_MASK: tl.constexpr,
     c_lo = tl.min(tl.reshape(tl.where(live, c, NKC), (J, GROUP)), 1)
     used = c_hi >= 0
     split = used & (c_hi != c_lo)
-    bad = (stray > 0) | (tl.max(misplaced.to(tl.int32), 0) > 0) | \
+    bad = (shared == 0) | (tl.max(misplaced.to(tl.int32), 0) > 0) | \
         (tl.max(split.to(tl.int32), 0) > 0)
     offs_j = tl.arange(0, J)
     n_blocks = M // GROUP
@@ -1014,13 +1044,94 @@ def _group_key_kernel(IDX, MASK, GKEY, BAD, N, M, NKC, HAS_MASK: tl.constexpr,
 
 
 @triton.jit
+def _kv_cluster_tile(
+    Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc, h, start, cnt, n_blocks,
+    sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh,
+    N, M, D, scale_hi, scale_lo,
+    HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
+    HEADS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+):
+    """dk, dv of key cluster kc in heads h .. h + HEADS - 1 (HEADS = 1 or 2), walking its
+    cnt entries of the group-level map from ``start``. The ROWS (>= 16, tl.dot's minimum)
+    key rows hold the cluster's keys in each head (row r: key r % GROUP in head
+    h + r // GROUP; rows past GROUP * HEADS are padding). Columns are HEADS blocks of
+    BLOCK_D: the query-side tiles (q, dout) hold every head's block, the key-side ones
+    (k, v, and the dk, dv kept) only their row's, so each product pairs a row with its own
+    head only."""
+    t = tl.arange(0, ROWS) % GROUP
+    hr = tl.arange(0, ROWS) // GROUP  # head slot of each key row
+    keys = kc * GROUP + t
+    key_ok = (hr < HEADS) & (keys < N)
+    cols = tl.arange(0, HEADS * BLOCK_D)
+    hc = cols // BLOCK_D  # head slot of each column
+    dc = cols % BLOCK_D
+    kd_ok = key_ok[:, None] & (hc[None, :] == hr[:, None]) & (dc < D)[None, :]
+    kn = tl.load(K + (h + hr)[:, None] * skh + keys[:, None] * skn + dc[None, :], mask=kd_ok,
+                 other=0.0)
+    vn = tl.load(V + (h + hr)[:, None] * svh + keys[:, None] * svn + dc[None, :], mask=kd_ok,
+                 other=0.0)
+    dk = tl.zeros([ROWS, HEADS * BLOCK_D], ACC)
+    dv = tl.zeros([ROWS, HEADS * BLOCK_D], ACC)
+    # Column c of a chunk: query c % GROUP of the chunk's entry c // GROUP.
+    c = tl.arange(0, BLOCK_G * GROUP)
+    for e0 in range(0, cnt, BLOCK_G):
+        e_ok = e0 + c // GROUP < cnt
+        # int64 as torch.sort returns it; int32 arithmetic from here on (64-bit division
+        # is emulated on the GPU: 0.63 vs 0.45 ms for this kernel).
+        ent = tl.load(GPERM + start + e0 + c // GROUP, mask=e_ok, other=0).to(tl.int32)
+        qi = (ent // n_blocks) * GROUP + c % GROUP
+        q_ok = e_ok & (qi < N)
+        slot = qi * M + (ent % n_blocks) * GROUP
+        ok = key_ok[:, None] & q_ok[None, :]
+        off = slot[None, :] + t[:, None]
+        if HAS_MASK:
+            ok = ok & (tl.load(MASK + off, mask=ok, other=0) != 0)
+        qd_ok = q_ok[:, None] & (dc < D)[None, :]
+        qt = tl.load(Q + (h + hc)[None, :] * sqh + qi[:, None] * sqn + dc[None, :], mask=qd_ok,
+                     other=0.0)
+        dot = tl.load(DO + (h + hc)[None, :] * sdoh + qi[:, None] * sdon + dc[None, :],
+                      mask=qd_ok, other=0.0)
+        lse = tl.load(LSE + h * N + qi, mask=q_ok, other=float("inf"))[None, :]
+        delta = tl.load(DELTA + h * N + qi, mask=q_ok, other=0.0)[None, :]
+        if HEADS == 2:
+            lse1 = tl.load(LSE + (h + 1) * N + qi, mask=q_ok, other=float("inf"))
+            delta1 = tl.load(DELTA + (h + 1) * N + qi, mask=q_ok, other=0.0)
+            lse = tl.where(hr[:, None] == 1, lse1[None, :], lse)
+            delta = tl.where(hr[:, None] == 1, delta1[None, :], delta)
+        s = _mma(kn, tl.trans(qt), UPCAST).to(ACC)
+        s = s * scale_hi + s * scale_lo
+        if HAS_PE:
+            pe = tl.load(PEIDX + off, mask=ok, other=0)
+            s += tl.load(PE + pe * spet + (h + hr)[:, None] * speh, mask=ok,
+                         other=0.0).to(ACC)
+        p = tl.where(ok, tl.exp(s - lse), 0.0)
+        dp = _mma(vn, tl.trans(dot), UPCAST).to(ACC)
+        ds = p * (dp - delta)
+        if SPLIT:
+            # hi + lo 16-bit parts keep ~16 significant bits of p and ds in the
+            # tensor-core products (one cast would keep 8 for bf16).
+            p_hi = p.to(dot.dtype)
+            p_lo = (p - p_hi.to(ACC)).to(dot.dtype)
+            dv += _mma(p_hi, dot, UPCAST) + _mma(p_lo, dot, UPCAST)
+            ds_hi = ds.to(qt.dtype)
+            ds_lo = (ds - ds_hi.to(ACC)).to(qt.dtype)
+            dk += _mma(ds_hi, qt, UPCAST) + _mma(ds_lo, qt, UPCAST)
+        else:
+            dv += _mma(p.to(dot.dtype), dot, UPCAST).to(ACC)
+            dk += _mma(ds.to(qt.dtype), qt, UPCAST).to(ACC)
+    # Row r keeps its own head's block of columns.
+    _bwd_kv_store(DK, DV, (h + hr) * N * D + keys * D, dc, kd_ok, dk, dv, scale_hi, scale_lo)
+
+
+@triton.jit
 def _attn_bwd_kv_cluster_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, GPERM, GPTR, BAD, PEIDX, MASK, PE,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
     spet, speh,
     H, N, M, D, scale_hi, scale_lo, HPG, NHG,
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEADS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):
     """Key side by key cluster: one program per GROUP consecutive keys. When every query
@@ -1028,89 +1139,36 @@ def _attn_bwd_kv_cluster_kernel(
     by _group_key_kernel), the group-level map lists which (query group, slot block) pairs
     name this cluster; each pair is a dense GROUP x GROUP block of scores, so a chunk of
     BLOCK_G pairs is flash-attention's key-side step on gathered query rows: transposed
-    scores K Q^T and dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q, all tl.dot (keys
-    padded to ROWS rows). Every query row is read once per key cluster, where the per-key
-    walk reads it once per key. Otherwise the program walks the token-level map."""
+    scores K Q^T and dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q, all tl.dot. Every
+    query row is read once per key cluster, where the per-key walk reads it once per key.
+    The program's heads go HEADS at a time through one tile (_kv_cluster_tile), an odd
+    last one alone. Otherwise the program walks the token-level map."""
     kc = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // NHG).to(tl.int64)
     h_lo = (pid_bh % NHG) * HPG
     h_hi = tl.minimum(h_lo + HPG, H)
     n_kc = tl.num_programs(0)
-    PTR += b * (N + 1)
-    PERM += b * N * M
-    PEIDX += b * N * M
+    Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX = _bwd_kv_batch(
+        Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, b, sqb, skb, svb, sdob, H, N, M, D)
     MASK += b * N * M
-    Q += b * sqb
-    K += b * skb
-    V += b * svb
-    DO += b * sdob
-    DK += b * H * N * D
-    DV += b * H * N * D
-    LSE += b * H * N
-    DELTA += b * H * N
     if tl.load(BAD + b) == 0:
         n_blocks = M // GROUP
         GPTR += b * (n_kc + 1)
         GPERM += b * tl.cdiv(N, GROUP) * n_blocks
         start = tl.load(GPTR + kc)
         cnt = tl.load(GPTR + kc + 1) - start
-        t = tl.arange(0, ROWS)
-        keys = kc * GROUP + t
-        key_ok = (t < GROUP) & (keys < N)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < D
-        kd_ok = key_ok[:, None] & d_ok[None, :]
-        # Column c of a chunk: query c % GROUP of the chunk's entry c // GROUP.
-        c = tl.arange(0, BLOCK_G * GROUP)
-        for h in range(h_lo, h_hi):
-            kn = tl.load(K + h * skh + keys[:, None] * skn + offs_d[None, :], mask=kd_ok,
-                         other=0.0)
-            vn = tl.load(V + h * svh + keys[:, None] * svn + offs_d[None, :], mask=kd_ok,
-                         other=0.0)
-            dk = tl.zeros([ROWS, BLOCK_D], ACC)
-            dv = tl.zeros([ROWS, BLOCK_D], ACC)
-            for e0 in range(0, cnt, BLOCK_G):
-                e_ok = e0 + c // GROUP < cnt
-                # int64 as torch.sort returns it; int32 arithmetic from here on (64-bit
-                # division is emulated on the GPU: 0.63 vs 0.45 ms for this kernel).
-                ent = tl.load(GPERM + start + e0 + c // GROUP, mask=e_ok, other=0).to(tl.int32)
-                qi = (ent // n_blocks) * GROUP + c % GROUP
-                q_ok = e_ok & (qi < N)
-                slot = qi * M + (ent % n_blocks) * GROUP
-                ok = key_ok[:, None] & q_ok[None, :]
-                off = slot[None, :] + t[:, None]
-                if HAS_MASK:
-                    ok = ok & (tl.load(MASK + off, mask=ok, other=0) != 0)
-                qd_ok = q_ok[:, None] & d_ok[None, :]
-                qt = tl.load(Q + h * sqh + qi[:, None] * sqn + offs_d[None, :], mask=qd_ok,
-                             other=0.0)
-                dot = tl.load(DO + h * sdoh + qi[:, None] * sdon + offs_d[None, :],
-                              mask=qd_ok, other=0.0)
-                lse = tl.load(LSE + h * N + qi, mask=q_ok, other=float("inf"))
-                delta = tl.load(DELTA + h * N + qi, mask=q_ok, other=0.0)
-                s = _mma(kn, tl.trans(qt), UPCAST).to(ACC)
-                s = s * scale_hi + s * scale_lo
-                if HAS_PE:
-                    pe = tl.load(PEIDX + off, mask=ok, other=0)
-                    s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
-                p = tl.where(ok, tl.exp(s - lse[None, :]), 0.0)
-                dp = _mma(vn, tl.trans(dot), UPCAST).to(ACC)
-                ds = p * (dp - delta[None, :])
-                if SPLIT:
-                    # hi + lo 16-bit parts keep ~16 significant bits of p and ds in the
-                    # tensor-core products (one cast would keep 8 for bf16).
-                    p_hi = p.to(dot.dtype)
-                    p_lo = (p - p_hi.to(ACC)).to(dot.dtype)
-                    dv += _mma(p_hi, dot, UPCAST) + _mma(p_lo, dot, UPCAST)
-                    ds_hi = ds.to(qt.dtype)
-                    ds_lo = (ds - ds_hi.to(ACC)).to(qt.dtype)
-                    dk += _mma(ds_hi, qt, UPCAST) + _mma(ds_lo, qt, UPCAST)
-                else:
-                    dv += _mma(p.to(dot.dtype), dot, UPCAST).to(ACC)
-                    dk += _mma(ds.to(qt.dtype), qt, UPCAST).to(ACC)
-            _bwd_kv_store(DK, DV, h, keys, kd_ok, dk, dv, N, D, scale_hi, scale_lo,
-                          BLOCK_D)
+        for h in range(h_lo, h_hi - (HEADS - 1), HEADS):
+            _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc, h,
+                             start, cnt, n_blocks, sqh, sqn, skh, skn, svh, svn, sdoh, sdon,
+                             spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, GROUP,
+                             ROWS, HEADS, BLOCK_G, BLOCK_D, SPLIT, UPCAST, ACC)
+        if HEADS > 1:
+            if (h_hi - h_lo) % HEADS != 0:
+                _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc,
+                                 h_hi - 1, start, cnt, n_blocks, sqh, sqn, skh, skn, svh, svn,
+                                 sdoh, sdon, spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE,
+                                 HAS_MASK, GROUP, ROWS, 1, BLOCK_G, BLOCK_D, SPLIT, UPCAST, ACC)
     else:
         offs_k = kc * GROUP + tl.arange(0, GROUP)
         k_ok = offs_k < N
@@ -1202,8 +1260,8 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     dpe = dsbuf = dpe_scale = None
     amax_do = amax_v = delta
     log2_c = 0.0
+    T = pe_table.shape[0] if has_pe else 0
     if has_pe and compute_pe:
-        T = pe_table.shape[0]
         if deterministic and q.dtype == torch.float64:
             dpe_mode = 2
             dsbuf = torch.empty((B * N * M, H), dtype=acc, device=dev)
@@ -1216,10 +1274,11 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                 amax_do, amax_v = _dpe_fixed_amax(dout, v, blank_v if has_blank else None)
                 dpe_scale = torch.empty(1, dtype=torch.float32, device=dev)
                 log2_c = math.log2(4.0 * D * B * H * N)
-    # dbk and dbv partials in one buffer: one allocation.
-    blank_part = (torch.empty((2, B * n_qblocks, H, D), dtype=acc, device=dev)
-                  if has_blank else None)
-    dbk_part, dbv_part = (blank_part[0], blank_part[1]) if has_blank else (delta, delta)
+    if has_blank:
+        dbk_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
+        dbv_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
+    else:
+        dbk_part = dbv_part = delta
     with _device_guard(q):
         _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
             q, k, v, out, dout, lse, delta, dq, idx, pe_idx, mask_u8, pe_t, bk, bv,
@@ -1230,7 +1289,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             dout.stride(0), dout.stride(1), dout.stride(2),
             pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
             bk.stride(0) if has_blank else 0, bv.stride(0) if has_blank else 0,
-            H, N, M, D, pe_table.shape[0] if has_pe else 0, n_rep, hi, lo, hpg, nhg, log2_c,
+            H, N, M, D, T, n_rep, hi, lo, hpg, nhg, log2_c,
             HAS_PE=has_pe, DPE_MODE=dpe_mode, HAS_MASK=has_mask, HAS_BLANK=has_blank,
             ONE_CHUNK=BM >= M, BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, ACC=_tl_acc(q.dtype),
             num_warps=warps,
@@ -1263,14 +1322,14 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             )
             BK_, BE, KBD, kv_warps = _attn_blocks(D, M, q.dtype, "bwd_kv")
             if kv_group is not None:
-                BG, GBD, gw = kv_group
+                BG, GBD, kv_heads, gw = kv_group
                 n_kc = triton.cdiv(N, _GROUP)
-                kv_hpg, kv_nhg = _head_groups(n_kc, B, H, dev)
+                kv_hpg, kv_nhg = _head_groups(n_kc, B, H, dev, kv_heads)
                 _attn_bwd_kv_cluster_kernel[(n_kc, B * kv_nhg)](
                     q, k, v, dout, lse, delta, dk, dv, perm, ptr, gperm, gptr, bad,
                     pe_idx, mask_u8, pe_t, *kv_args, H, N, M, D, hi, lo, kv_hpg, kv_nhg,
                     HAS_PE=has_pe, HAS_MASK=has_mask, GROUP=_GROUP, ROWS=_GROUP_ROWS,
-                    BLOCK_G=BG, BLOCK_E=BE, BLOCK_D=GBD, **_dot_flags(q.dtype),
+                    HEADS=kv_heads, BLOCK_G=BG, BLOCK_E=BE, BLOCK_D=GBD, **_dot_flags(q.dtype),
                     ACC=_tl_acc(q.dtype), num_warps=gw,
                 )
             else:
@@ -1291,12 +1350,11 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             # int64 replicas add up exactly; S = 0 (non-finite inputs) gives NaN / inf.
             dpe = dpe.sum(0).double().div_(dpe_scale)
         if dpe_mode == 2:
-            dpe = _pe_grad_deterministic(dsbuf, pe_idx, mask_b, pe_table.shape[0], H, acc)
+            dpe = _pe_grad_deterministic(dsbuf, pe_idx, mask_b, T, H, acc)
     dpe = dpe.to(pe_table.dtype) if dpe is not None else q.new_empty(0)
     if has_blank:
-        # Two sums, not one split in two: the custom op's outputs must not share storage.
-        dbk = blank_part[0].sum(0).to(blank_k.dtype)
-        dbv = blank_part[1].sum(0).to(blank_v.dtype)
+        dbk = dbk_part.sum(0).to(blank_k.dtype)
+        dbv = dbv_part.sum(0).to(blank_v.dtype)
     else:
         dbk, dbv = q.new_empty(0), q.new_empty(0)
     return dq, dk, dv, dpe, dbk, dbv

@@ -246,6 +246,26 @@ def test_key_cluster_backward_low_precision(dtype):
     assert_grads_lowp(case, 29, dtype)
 
 
+@pytest.mark.usefixtures("group_kernels_on")
+@pytest.mark.parametrize("heads,split", [(1, None), (2, None), (2, (1, 3)), (2, (2, 2))],
+                         ids=["1head", "2heads", "2heads_1perprog", "2heads_2perprog"])
+def test_group_kernels_heads_per_tile(heads, split, monkeypatch):
+    # The group forward and key-cluster backward put 8 tokens of HEADS heads in one
+    # 16-row tile. H=3 leaves the last pair half empty; on a GPU small grids also split
+    # the heads over programs (forced here), which may start a pair at any head.
+    case = make_case(2, 3, 61, 12, 24, seed=31, whole_clusters=True)
+    for kind in ("fwd", "bwd_kv"):
+        monkeypatch.setitem(tk.TUNING_GROUP_HEADS, kind, heads)
+    if split is not None:
+        monkeypatch.setattr(tk, "_head_groups", lambda n, B, H, dev, step=1: split)
+    dout = dout_for(case, 31)
+    ref_out, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
+    out, g = fwd_bwd(leaves(case, torch.float32), "triton", dout)
+    assert_close(out, ref_out, 1e-5, "out")
+    for n in ref_g:
+        assert_close(g[n], ref_g[n], 1e-4, f"d{n}")
+
+
 def test_key_cluster_backward_bf16_keeps_p_and_ds_bits():
     # p and ds enter the tensor-core products as hi + lo bf16 parts: the key gradients come
     # out closer to float64 than PyTorch's own bf16 run (RMS error 0.63-0.73x of it over
@@ -468,7 +488,7 @@ def test_head_groups_backward(monkeypatch):
     case = make_case(1, 3, 30, 12, 10, seed=20)
     dout = dout_for(case, 20)
     _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
-    monkeypatch.setattr(tk, "_head_groups", lambda n, B, H, dev: (2, 2))
+    monkeypatch.setattr(tk, "_head_groups", lambda n, B, H, dev, step=1: (2, 2))
     for det in (False, True):
         _, g = fwd_bwd(leaves(case, torch.float64), "triton", dout, deterministic=det)
         for n in g:

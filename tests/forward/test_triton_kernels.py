@@ -241,7 +241,7 @@ def test_head_groups(monkeypatch):
     # On a GPU small grids split the heads over programs; force the split here.
     case = make_case(1, 3, 30, 12, 10, seed=7, device=_DEV)
     ref = run_reference(case)
-    monkeypatch.setattr(tk, "_head_groups", lambda n, B, H, dev: (2, 2))
+    monkeypatch.setattr(tk, "_head_groups", lambda n, B, H, dev, step=1: (2, 2))
     assert_close(run_triton(case), ref, 1e-12, "out")
 
 
