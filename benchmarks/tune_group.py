@@ -1,16 +1,21 @@
-"""Group kernels on or off, and their num_warps (cluster.triton_kernels.TUNING_GROUP).
+"""Settings of the group kernels: on or off, num_warps, heads per tile and, for the
+key-cluster backward, map entries per chunk (cluster.triton_kernels.TUNING_GROUP,
+TUNING_GROUP_HEADS, _KV_GROUP_TILE).
 
-For each dtype, times one triton step at an AFF shape with the per-query / per-key kernel
-(warps 0) and with the group kernel at 1, 2, 4 warps (triton.testing.do_bench, median):
-the forward for --kind fwd, forward+backward for --kind bwd_kv (the key-cluster backward).
-Prints one line per setting; copy the winner into TUNING_GROUP by hand. Needs a CUDA GPU.
+For each shape and dtype, profiles forward+backward steps of the triton backend (fast mode,
+torch.profiler, as profile_kernels.py) under every setting and prints the GPU time per step
+of the tuned kernel and of the whole step. Kernel times, not step times: on a GPU whose
+host cannot issue the step as fast as the GPU runs it, do_bench times the host. warps 0 is
+the per-query / per-key kernel. Copy the winners into the tables by hand. Needs a CUDA GPU.
 
-    python benchmarks/tune_group.py [--kind fwd] [--shape affmae_stage1] [--dtypes bf16,fp32]
+    python benchmarks/tune_group.py [--kind bwd_kv] [--shapes affmae_stage1,highres]
+                                    [--dtypes bf16] [--steps 10] [--log FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -18,14 +23,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
+import profile_kernels  # noqa: E402
+
+KERNELS = {"fwd": ("_attn_fwd_cluster_kernel", "_attn_fwd_kernel"),
+           "bwd_kv": ("_attn_bwd_kv_cluster_kernel", "_attn_bwd_kv_kernel")}
+WARPS = (1, 2, 4)
+HEADS = (1, 2)
+ENTRIES = (2, 4, 8)
+
+
+def settings(kind: str):
+    """(warps, heads, map entries per chunk or None); warps 0 first: the ungrouped kernel."""
+    yield 0, 1, None
+    entries = ENTRIES if kind == "bwd_kv" else (None,)
+    yield from itertools.product(WARPS, HEADS, entries)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="affmae_stage1", help=f"one of {', '.join(bench.SHAPES)}")
-    p.add_argument("--dtypes", default="bf16,fp16,fp32")
-    p.add_argument("--kind", default="fwd", choices=("fwd", "bwd_kv"))
+    p.add_argument("--kind", default="bwd_kv", choices=tuple(KERNELS))
+    p.add_argument("--shapes", default=",".join(bench.SHAPES),
+                   help=f"comma-separated, of {', '.join(bench.SHAPES)}")
+    p.add_argument("--dtypes", default="bf16")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--log", default=None, help="also write the lines to this file")
     opt = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
@@ -33,27 +55,42 @@ def main(argv=None) -> int:
 
     from cluster import triton_kernels as tk
 
-    base = bench.build_inputs(bench.SHAPES[opt.shape], torch.device("cuda"))
-    start = dict(tk.TUNING_GROUP)
-    for name in opt.dtypes.split(","):
-        dtype = bench.DTYPES[bench.DTYPE_ALIASES.get(name, name)]
-        width = 2 if dtype in (torch.float16, torch.bfloat16) else 4
-        mode = "fwd" if opt.kind == "fwd" else "fwd+bwd"
-        x = base.cast(dtype, mode != "fwd")
-        step = bench.make_step(bench.make_attention("triton", False), x, mode)
-
-        def run(x=x, step=step):
-            for t in x.leaves():
-                t.grad = None
-            step()
-
-        for warps in (0, 1, 2, 4):
-            tk.TUNING_GROUP[opt.kind, width] = warps
-            ms = triton.testing.do_bench(run, warmup=30, rep=200, return_mode="median")
-            kernel = "ungrouped" if warps == 0 else f"group, {warps} warps"
-            print(f"{opt.shape} {dtype} {mode} ({opt.kind} {kernel}): {ms:.4f} ms", flush=True)
-        tk.TUNING_GROUP.clear()
-        tk.TUNING_GROUP.update(start)
+    dev = torch.device("cuda")
+    lines = [f"# {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
+             f"triton {triton.__version__}, commit {bench.git_state()[0][:12]}; "
+             f"{opt.kind}: GPU ms per fwd+bwd step (fast mode, {opt.steps} profiled steps)"]
+    print(lines[0], flush=True)
+    saved = (dict(tk.TUNING_GROUP), dict(tk.TUNING_GROUP_HEADS), tk._KV_GROUP_TILE)
+    try:
+        for shape in opt.shapes.split(","):
+            B, N, C, H, M = bench.SHAPES[shape]
+            block_d = max(16, triton.next_power_of_2(C // H))
+            base = bench.build_inputs(bench.SHAPES[shape], dev)
+            for name in opt.dtypes.split(","):
+                dtype = bench.DTYPES[bench.DTYPE_ALIASES.get(name, name)]
+                width = 2 if dtype in (torch.float16, torch.bfloat16) else 4
+                x = base.cast(dtype, True)
+                for warps, heads, entries in settings(opt.kind):
+                    tk.TUNING_GROUP[opt.kind, width] = warps
+                    tk.TUNING_GROUP_HEADS[opt.kind] = heads
+                    if entries is not None:
+                        tk._KV_GROUP_TILE = entries * tk._GROUP * block_d
+                    rows, _wall = profile_kernels.profile_case(x, False, opt.steps)
+                    kernel = sum(ms for key, ms, _n in rows if key in KERNELS[opt.kind])
+                    total = sum(ms for _key, ms, _n in rows)
+                    what = ("ungrouped" if warps == 0 else
+                            f"warps {warps}, heads {heads}"
+                            + ("" if entries is None else f", entries {entries}"))
+                    line = (f"{shape} {name} {opt.kind} ({what}): kernel {kernel:.4f} ms, "
+                            f"step {total:.4f} ms")
+                    lines.append(line)
+                    print(line, flush=True)
+    finally:
+        tk.TUNING_GROUP.update(saved[0])
+        tk.TUNING_GROUP_HEADS.update(saved[1])
+        tk._KV_GROUP_TILE = saved[2]
+    if opt.log:
+        Path(opt.log).write_text("\n".join(lines) + "\n")
     return 0
 
 
