@@ -88,10 +88,11 @@ TUNING_GROUP: dict[tuple[str, int], int] = {
 # Heads per tile of the group kernels (1 or 2). A cluster has 8 queries (or keys) where
 # tl.dot wants 16 rows: with 2, the other 8 rows are the same tokens in the next head
 # (block-diagonal tiles, see _attn_fwd_cluster_kernel) instead of padding. Kernel times on
-# the H200, bf16 (results/tune-heads-*.log): the key-cluster backward with 2 heads (and 2
-# map entries per chunk, _KV_GROUP_TILE) takes affmae_stage1 from 0.46 to 0.40 ms and the
-# other AFF shapes 12-27 % down; the forward with 2 heads doubles its gathered k / v tiles
-# and slows from 0.23 to 0.41 ms (1 warp) or 0.45 (2 warps), so it keeps 1.
+# the H200, bf16 (results/tune-group-*-h200-2026-11-29.log, group-kernels-before-after-*):
+# the key-cluster backward with 2 heads (and 2 map entries per chunk, _KV_GROUP_TILE) takes
+# affmae_stage1 from 0.46 to 0.40 ms and the other AFF shapes 12-27 % down; the forward with
+# 2 heads doubles its gathered k / v tiles and slows from 0.23 to 0.45 ms (1 warp) or 0.41
+# (2 warps), so it keeps 1.
 TUNING_GROUP_HEADS: dict[str, int] = {"fwd": 1, "bwd_kv": 2}
 
 
@@ -712,7 +713,7 @@ def _group_blocks(D: int, M: int, dtype: torch.dtype):
 # Elements of the key-cluster backward's [BLOCK_G * GROUP, BLOCK_D] query tiles (per head):
 # 2 map entries at D = 32. Kernel times on the H200, bf16, with 2 heads per tile and 2 warps:
 # affmae_stage1 0.40 ms against 0.56 for 4 entries; with 1 head, 4 entries and 2 warps
-# (the previous setting) 0.46 (results/tune-heads-*.log).
+# (the previous setting) 0.46 (results/tune-group-bwd_kv-h200-2026-11-29.log).
 _KV_GROUP_TILE = 512
 
 
