@@ -1,6 +1,6 @@
-"""Settings of the group kernels: on or off, num_warps, heads per tile and, for the
-key-cluster backward, map entries per chunk (cluster.triton_kernels.TUNING_GROUP,
-TUNING_GROUP_HEADS, _KV_GROUP_TILE).
+"""Settings of the group kernels (forward, query-side and key-cluster backward): on or off,
+num_warps, heads per tile and, for the key-cluster backward, map entries per chunk
+(cluster.triton_kernels.TUNING_GROUP, TUNING_GROUP_HEADS, _KV_GROUP_TILE).
 
 For each shape and dtype, profiles forward+backward steps of the triton backend (fast mode,
 torch.profiler, as profile_kernels.py) under every setting and prints the GPU time per step
@@ -8,7 +8,7 @@ of the tuned kernel and of the whole step. Kernel times, not step times: on a GP
 host cannot issue the step as fast as the GPU runs it, do_bench times the host. warps 0 is
 the per-query / per-key kernel. Copy the winners into the tables by hand. Needs a CUDA GPU.
 
-    python benchmarks/tune_group.py [--kind bwd_kv] [--shapes affmae_stage1,highres]
+    python benchmarks/tune_group.py [--kind fwd|bwd_q|bwd_kv] [--shapes affmae_stage1,highres]
                                     [--dtypes bf16] [--steps 10] [--log FILE]
 """
 
@@ -26,17 +26,19 @@ import bench  # noqa: E402
 import profile_kernels  # noqa: E402
 
 KERNELS = {"fwd": ("_attn_fwd_cluster_kernel", "_attn_fwd_kernel"),
+           "bwd_q": ("_attn_bwd_q_cluster_kernel", "_attn_bwd_q_kernel"),
            "bwd_kv": ("_attn_bwd_kv_cluster_kernel", "_attn_bwd_kv_kernel")}
 WARPS = (1, 2, 4)
 HEADS = (1, 2)
 ENTRIES = (2, 4, 8)
 
 
-def settings(kind: str):
+def settings(kind: str, tk):
     """(warps, heads, map entries per chunk or None); warps 0 first: the ungrouped kernel."""
     yield 0, 1, None
+    heads = HEADS if kind in tk.TUNING_GROUP_HEADS else (1,)
     entries = ENTRIES if kind == "bwd_kv" else (None,)
-    yield from itertools.product(WARPS, HEADS, entries)
+    yield from itertools.product(WARPS, heads, entries)
 
 
 def main(argv=None) -> int:
@@ -70,9 +72,10 @@ def main(argv=None) -> int:
                 dtype = bench.DTYPES[bench.DTYPE_ALIASES.get(name, name)]
                 width = 2 if dtype in (torch.float16, torch.bfloat16) else 4
                 x = base.cast(dtype, True)
-                for warps, heads, entries in settings(opt.kind):
+                for warps, heads, entries in settings(opt.kind, tk):
                     tk.TUNING_GROUP[opt.kind, width] = warps
-                    tk.TUNING_GROUP_HEADS[opt.kind] = heads
+                    if opt.kind in tk.TUNING_GROUP_HEADS:
+                        tk.TUNING_GROUP_HEADS[opt.kind] = heads
                     if entries is not None:
                         tk._KV_GROUP_TILE = entries * tk._GROUP * block_d
                     rows, _wall = profile_kernels.profile_case(x, False, opt.steps)

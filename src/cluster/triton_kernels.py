@@ -83,7 +83,8 @@ TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
 # interpreter follows this table too; the group kernels' tests switch them on in float32 /
 # float64 (tests/conftest.py, group_kernels_on).
 TUNING_GROUP: dict[tuple[str, int], int] = {
-    ("fwd", 4): 0, ("fwd", 2): 1, ("bwd_kv", 4): 0, ("bwd_kv", 2): 2,
+    ("fwd", 4): 0, ("fwd", 2): 1, ("bwd_q", 4): 0, ("bwd_q", 2): 1,
+    ("bwd_kv", 4): 0, ("bwd_kv", 2): 2,
 }
 # Heads per tile of the group kernels (1 or 2). A cluster has 8 queries (or keys) where
 # tl.dot wants 16 rows: with 2, the other 8 rows are the same tokens in the next head
@@ -94,6 +95,12 @@ TUNING_GROUP: dict[tuple[str, int], int] = {
 # 2 heads doubles its gathered k / v tiles and slows from 0.23 to 0.45 ms (1 warp) or 0.41
 # (2 warps), so it keeps 1.
 TUNING_GROUP_HEADS: dict[str, int] = {"fwd": 1, "bwd_kv": 2}
+# The query-cluster backward beat the per-query kernel on the H200 (bf16, kernel profiles,
+# results/tune-group-bwd_q-*.log) where the key list fills its slot tile, M = 64:
+# affmae_stage1 0.50 -> 0.46 ms, config_3_large 0.123 -> 0.089; and lost where M = 48 pads
+# it to 64: aff_tiny_stage2 0.206 -> 0.227, highres 0.51 -> 0.61 (cause not measured). So it
+# runs only where M is a power of two, unless this is False (the tests' group_kernels_on).
+GROUP_Q_FULL_TILE_ONLY = True
 
 
 def _interpreter_numpy_shim() -> None:
@@ -690,9 +697,9 @@ def _dot_flags(dtype: torch.dtype) -> dict:
                 UPCAST=_INTERPRET and dtype == torch.bfloat16)
 
 
-def _group_blocks(D: int, M: int, dtype: torch.dtype):
+def _group_blocks(D: int, M: int, dtype: torch.dtype, kind: str = "fwd"):
     """(BLOCK_M, BLOCK_D, heads per tile, fallback slots per chunk, num_warps) of the group
-    forward, or None
+    forward (kind "fwd") or query-side backward ("bwd_q"), or None
     for the per-query kernel: key list too long for one tile, the group kernel off in
     TUNING_GROUP for this dtype, or float64 on a GPU (Triton has no float64 tl.dot there;
     the interpreter runs it, which is how the suite checks the group kernel in float64)."""
@@ -701,13 +708,13 @@ def _group_blocks(D: int, M: int, dtype: torch.dtype):
         return None
     if dtype == torch.float64 and not _INTERPRET:
         return None
-    warps = TUNING_GROUP["fwd", _width(dtype)]
-    if not warps:
+    warps = TUNING_GROUP[kind, _width(dtype)]
+    if not warps or (kind == "bwd_q" and GROUP_Q_FULL_TILE_ONLY and block_m != M):
         return None
-    heads = TUNING_GROUP_HEADS["fwd"]
+    heads = TUNING_GROUP_HEADS.get(kind, 1)
     if block_m * block_d * heads > _GROUP_TILE // (2 if dtype == torch.float64 else 1):
         heads = 1  # the k / v tiles hold every head's columns
-    return block_m, block_d, heads, _chunk_slots("fwd", dtype, _GROUP, block_d, M), warps
+    return block_m, block_d, heads, _chunk_slots(kind, dtype, _GROUP, block_d, M), warps
 
 
 # Elements of the key-cluster backward's [BLOCK_G * GROUP, BLOCK_D] query tiles (per head):
@@ -810,6 +817,106 @@ def _dpe_fixed_scale(AMAX_DO, AMAX_V, log2_c):
 
 
 @triton.jit
+def _bwd_q_prologue(
+    O, DO, LSE, DELTA, BK, BV, DBK_PART, DBV_PART, h, lin, offs_q, q_ok, qs,
+    soh, son, sdoh, sdon, sbkh, sbvh, H, N, D,
+    HAS_BLANK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Head h of the program's query rows (qs: their q times the scale): Delta (stored),
+    lse, dout, and dq's start, i.e. the blank key's share; the blank's partial sums of
+    dblank_k / dblank_v go to one [H, D] row per program (``lin``), added up in torch:
+    fixed order, no atomics."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qd_ok = q_ok[:, None] & d_ok[None, :]
+    do = tl.load(DO + h * sdoh + offs_q[:, None] * sdon + offs_d[None, :], mask=qd_ok,
+                 other=0.0).to(ACC)
+    o = tl.load(O + h * soh + offs_q[:, None] * son + offs_d[None, :], mask=qd_ok,
+                other=0.0).to(ACC)
+    # O already holds the blank's share, so this is the full sum_j p_j dp_j.
+    delta = tl.sum(do * o, 1)
+    tl.store(DELTA + h * N + offs_q, delta, mask=q_ok)
+    lse = tl.load(LSE + h * N + offs_q, mask=q_ok, other=float("inf"))
+    dq = tl.zeros_like(do)
+    if HAS_BLANK:
+        bk = tl.load(BK + h * sbkh + offs_d, mask=d_ok, other=0.0).to(ACC)
+        bv = tl.load(BV + h * sbvh + offs_d, mask=d_ok, other=0.0).to(ACC)
+        pb = tl.exp(tl.sum(qs * bk[None, :], 1) - lse)
+        pb = tl.where(q_ok, pb, 0.0)
+        dsb = pb * (tl.sum(do * bv[None, :], 1) - delta)
+        dq += dsb[:, None] * bk[None, :]
+        tl.store(DBK_PART + (lin * H + h) * D + offs_d, tl.sum(dsb[:, None] * qs, 0),
+                 mask=d_ok)
+        tl.store(DBV_PART + (lin * H + h) * D + offs_d, tl.sum(pb[:, None] * do, 0),
+                 mask=d_ok)
+    return do, delta, lse, dq
+
+
+@triton.jit
+def _bwd_q_dpe(DPE, DSBUF, ds, pe, ok, off, rep, h, T, H, dpe_scale, DPE_MODE: tl.constexpr):
+    """ds of head h into the bias-table gradient (see _attn_bwd_q_kernel's DPE_MODE)."""
+    if DPE_MODE == 1:
+        # Relaxed: the sums are read only after the kernel; acq_rel (triton's default)
+        # would order each of these against the program's other accesses.
+        tl.atomic_add(DPE + (rep * T + pe) * H + h, ds, mask=ok, sem="relaxed")
+    if DPE_MODE == 2:
+        tl.store(DSBUF + off * H + h, ds, mask=ok)
+    if DPE_MODE == 3:
+        fx = ds * dpe_scale
+        fx = tl.where(fx >= 0, fx + 0.5, fx - 0.5).to(tl.int64)
+        tl.atomic_add(DPE + (rep * T + pe) * H + h, fx, mask=ok, sem="relaxed")
+
+
+@triton.jit
+def _bwd_q_rows(
+    Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV, DPE, DSBUF, DBK_PART,
+    DBV_PART, h, lin, rep, dpe_scale, offs_q, q_ok, row_off, idx0, pe0, ok0, off0,
+    sqh, sqn, skh, skn, svh, svn, soh, son, sdoh, sdon, spet, speh, sbkh, sbvh,
+    H, N, M, D, T, scale_hi, scale_lo,
+    HAS_PE: tl.constexpr, DPE_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_BLANK: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    """Head h of a row block, each query gathering its own keys (any member_idx), BLOCK_M
+    slots per chunk. Pointers are already offset to the batch."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qd_ok = q_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
+                other=0.0).to(ACC)
+    qs = q * scale_hi + q * scale_lo
+    do, delta, lse, dq = _bwd_q_prologue(
+        O, DO, LSE, DELTA, BK, BV, DBK_PART, DBV_PART, h, lin, offs_q, q_ok, qs, soh, son,
+        sdoh, sdon, sbkh, sbvh, H, N, D, HAS_BLANK, BLOCK_D, ACC)
+    for m0 in range(0, M, BLOCK_M):
+        if ONE_CHUNK:
+            idx, pe, ok, off = idx0, pe0, ok0, off0
+        else:
+            idx, pe, ok, off = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
+                                           HAS_PE, HAS_MASK, BLOCK_M)
+        s, kt, kd_ok = _chunk_logits(K, PE, h, qs, idx, pe, ok, offs_d, d_ok, skh, skn,
+                                     spet, speh, HAS_PE, ACC)
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        vt = _gather_rows(V, h * svh, idx, offs_d, kd_ok, svn, ACC)
+        dp = tl.sum(do[:, None, :] * vt, 2)
+        ds = p * (dp - delta[:, None])
+        dq += tl.sum(ds[:, :, None] * kt, 1)
+        _bwd_q_dpe(DPE, DSBUF, ds, pe, ok, off, rep, h, T, H, dpe_scale, DPE_MODE)
+    dq = dq * scale_hi + dq * scale_lo
+    tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=qd_ok)
+
+
+@triton.jit
+def _bwd_q_batch(Q, K, V, O, DO, DQ, LSE, DELTA, IDX, PEIDX, MASK, DSBUF, b,
+                 sqb, skb, svb, sob, sdob, H, N, M, D):
+    """The query-side kernels' pointers offset to batch b."""
+    return (Q + b * sqb, K + b * skb, V + b * svb, O + b * sob, DO + b * sdob,
+            DQ + b * H * N * D, LSE + b * H * N, DELTA + b * H * N, IDX + b * N * M,
+            PEIDX + b * N * M, MASK + b * N * M, DSBUF + b * N * M * H)
+
+
+@triton.jit
 def _attn_bwd_q_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV,
     DPE, DSBUF, AMAX_DO, AMAX_V, DPE_SCALE, DBK_PART, DBV_PART,
@@ -839,82 +946,107 @@ def _attn_bwd_q_kernel(
     rep = lin % R
     offs_q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_ok = offs_q < N
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    qd_ok = q_ok[:, None] & d_ok[None, :]
     row_off = offs_q * M
-    IDX += b * N * M
-    PEIDX += b * N * M
-    MASK += b * N * M
-    DSBUF += b * N * M * H
-    Q += b * sqb
-    K += b * skb
-    V += b * svb
-    O += b * sob
-    DO += b * sdob
-    DQ += b * H * N * D
-    LSE += b * H * N
-    DELTA += b * H * N
-
+    Q, K, V, O, DO, DQ, LSE, DELTA, IDX, PEIDX, MASK, DSBUF = _bwd_q_batch(
+        Q, K, V, O, DO, DQ, LSE, DELTA, IDX, PEIDX, MASK, DSBUF, b, sqb, skb, svb, sob, sdob,
+        H, N, M, D)
+    idx0, pe0, ok0, off0 = 0, 0, 0, 0
     if ONE_CHUNK:
         idx0, pe0, ok0, off0 = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M,
                                            HAS_PE, HAS_MASK, BLOCK_M)
+    dpe_scale = 0.0
     if DPE_MODE == 3:
         dpe_scale = _dpe_fixed_scale(AMAX_DO, AMAX_V, log2_c)
         if (pid == 0) & (pid_bh == 0):
             tl.store(DPE_SCALE, dpe_scale)
-
     for h in range(h_lo, h_hi):
-        q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
-                    other=0.0).to(ACC)
-        qs = q * scale_hi + q * scale_lo
-        do = tl.load(DO + h * sdoh + offs_q[:, None] * sdon + offs_d[None, :], mask=qd_ok,
-                     other=0.0).to(ACC)
-        o = tl.load(O + h * soh + offs_q[:, None] * son + offs_d[None, :], mask=qd_ok,
-                    other=0.0).to(ACC)
-        # O already holds the blank's share, so this is the full sum_j p_j dp_j.
-        delta = tl.sum(do * o, 1)
-        tl.store(DELTA + h * N + offs_q, delta, mask=q_ok)
-        lse = tl.load(LSE + h * N + offs_q, mask=q_ok, other=float("inf"))
-        dq = tl.zeros([BLOCK_Q, BLOCK_D], ACC)
-        if HAS_BLANK:
-            bk = tl.load(BK + h * sbkh + offs_d, mask=d_ok, other=0.0).to(ACC)
-            bv = tl.load(BV + h * sbvh + offs_d, mask=d_ok, other=0.0).to(ACC)
-            pb = tl.exp(tl.sum(qs * bk[None, :], 1) - lse)
-            pb = tl.where(q_ok, pb, 0.0)
-            dsb = pb * (tl.sum(do * bv[None, :], 1) - delta)
-            dq += dsb[:, None] * bk[None, :]
-            # Per-program partial sums, added up in torch: fixed order, no atomics.
-            dbk = tl.sum(dsb[:, None] * qs, 0)
-            dbv = tl.sum(pb[:, None] * do, 0)
-            tl.store(DBK_PART + (lin * H + h) * D + offs_d, dbk, mask=d_ok)
-            tl.store(DBV_PART + (lin * H + h) * D + offs_d, dbv, mask=d_ok)
-        for m0 in range(0, M, BLOCK_M):
-            if ONE_CHUNK:
-                idx, pe, ok, off = idx0, pe0, ok0, off0
-            else:
-                idx, pe, ok, off = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
-                                               HAS_PE, HAS_MASK, BLOCK_M)
-            s, kt, kd_ok = _chunk_logits(K, PE, h, qs, idx, pe, ok, offs_d, d_ok, skh, skn,
-                                         spet, speh, HAS_PE, ACC)
+        _bwd_q_rows(Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV, DPE, DSBUF,
+                    DBK_PART, DBV_PART, h, lin, rep, dpe_scale, offs_q, q_ok, row_off, idx0,
+                    pe0, ok0, off0, sqh, sqn, skh, skn, svh, svn, soh, son, sdoh, sdon, spet,
+                    speh, sbkh, sbvh, H, N, M, D, T, scale_hi, scale_lo, HAS_PE, DPE_MODE,
+                    HAS_MASK, HAS_BLANK, ONE_CHUNK, BLOCK_M, BLOCK_D, ACC)
+
+
+@triton.jit
+def _attn_bwd_q_cluster_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV,
+    DPE, DSBUF, AMAX_DO, AMAX_V, DPE_SCALE, DBK_PART, DBV_PART,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
+    spet, speh, sbkh, sbvh,
+    H, N, M, D, T, R, scale_hi, scale_lo, HPG, NHG, log2_c,
+    HAS_PE: tl.constexpr, DPE_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_BLANK: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, GEN_M: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+):
+    """Query side by query cluster, one program per GROUP queries: _attn_bwd_q_kernel's
+    work, but a group sharing its key list (AFF's layout) gathers the keys and values once
+    and takes the scores, dp = dout v^T and dq += ds k as tl.dot products (ROWS >= 16 rows,
+    the GROUP real ones padded), as _attn_fwd_cluster_kernel does; a group that does not
+    share falls back to the per-query path."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // NHG).to(tl.int64)
+    h_lo = (pid_bh % NHG) * HPG
+    h_hi = tl.minimum(h_lo + HPG, H)
+    lin = b * tl.num_programs(0) + pid
+    rep = lin % R
+    Q, K, V, O, DO, DQ, LSE, DELTA, IDX, PEIDX, MASK, DSBUF = _bwd_q_batch(
+        Q, K, V, O, DO, DQ, LSE, DELTA, IDX, PEIDX, MASK, DSBUF, b, sqb, skb, svb, sob, sdob,
+        H, N, M, D)
+    dpe_scale = 0.0
+    if DPE_MODE == 3:
+        dpe_scale = _dpe_fixed_scale(AMAX_DO, AMAX_V, log2_c)
+        if (pid == 0) & (pid_bh == 0):
+            tl.store(DPE_SCALE, dpe_scale)
+    offs_q, q_ok, pe, ok, lead, live, shared = _group_slots(
+        IDX, PEIDX, MASK, pid, N, M, HAS_PE, HAS_MASK, GROUP, ROWS, 1, BLOCK_M)
+    if shared:
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        qd_ok = q_ok[:, None] & d_ok[None, :]
+        kv_ok = live[:, None] & d_ok[None, :]
+        off = offs_q[:, None] * M + tl.arange(0, BLOCK_M)[None, :]
+        for h in range(h_lo, h_hi):
+            q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
+                        other=0.0)
+            qs = q.to(ACC)
+            qs = qs * scale_hi + qs * scale_lo
+            do, delta, lse, dq = _bwd_q_prologue(
+                O, DO, LSE, DELTA, BK, BV, DBK_PART, DBV_PART, h, lin, offs_q, q_ok, qs, soh,
+                son, sdoh, sdon, sbkh, sbvh, H, N, D, HAS_BLANK, BLOCK_D, ACC)
+            k = tl.load(K + h * skh + lead[:, None] * skn + offs_d[None, :], mask=kv_ok,
+                        other=0.0)
+            s = _mma(q, tl.trans(k), UPCAST).to(ACC)
+            s = s * scale_hi + s * scale_lo
+            if HAS_PE:
+                s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
             p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-            vt = _gather_rows(V, h * svh, idx, offs_d, kd_ok, svn, ACC)
-            dp = tl.sum(do[:, None, :] * vt, 2)
+            v = tl.load(V + h * svh + lead[:, None] * svn + offs_d[None, :], mask=kv_ok,
+                        other=0.0)
+            # dout in its own dtype again (exact: it was widened from it).
+            dp = _mma(do.to(v.dtype), tl.trans(v), UPCAST).to(ACC)
             ds = p * (dp - delta[:, None])
-            dq += tl.sum(ds[:, :, None] * kt, 1)
-            if DPE_MODE == 1:
-                # Relaxed: the sums are read only after the kernel; acq_rel (triton's
-                # default) would order each of these against the program's other accesses.
-                tl.atomic_add(DPE + (rep * T + pe) * H + h, ds, mask=ok, sem="relaxed")
-            if DPE_MODE == 2:
-                tl.store(DSBUF + off * H + h, ds, mask=ok)
-            if DPE_MODE == 3:
-                fx = ds * dpe_scale
-                fx = tl.where(fx >= 0, fx + 0.5, fx - 0.5).to(tl.int64)
-                tl.atomic_add(DPE + (rep * T + pe) * H + h, fx, mask=ok, sem="relaxed")
-        dq = dq * scale_hi + dq * scale_lo
-        tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=qd_ok)
+            if SPLIT:
+                # ds as hi + lo 16-bit parts, as p in the forward.
+                ds_hi = ds.to(k.dtype)
+                ds_lo = (ds - ds_hi.to(ACC)).to(k.dtype)
+                dq += _mma(ds_hi, k, UPCAST) + _mma(ds_lo, k, UPCAST)
+            else:
+                dq += _mma(ds.to(k.dtype), k, UPCAST).to(ACC)
+            _bwd_q_dpe(DPE, DSBUF, ds, pe, ok, off, rep, h, T, H, dpe_scale, DPE_MODE)
+            dq = dq * scale_hi + dq * scale_lo
+            tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
+                     dq.to(DQ.dtype.element_ty), mask=qd_ok)
+    else:
+        offs_g = pid * GROUP + tl.arange(0, GROUP)
+        g_ok = offs_g < N
+        for h in range(h_lo, h_hi):
+            _bwd_q_rows(Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV, DPE,
+                        DSBUF, DBK_PART, DBV_PART, h, lin, rep, dpe_scale, offs_g, g_ok,
+                        offs_g * M, 0, 0, 0, 0, sqh, sqn, skh, skn, svh, svn, soh, son, sdoh,
+                        sdon, spet, speh, sbkh, sbvh, H, N, M, D, T, scale_hi, scale_lo,
+                        HAS_PE, DPE_MODE, HAS_MASK, HAS_BLANK, False, GEN_M, BLOCK_D, ACC)
 
 
 @triton.jit
@@ -1249,9 +1381,14 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     mask_u8 = mask_b.view(torch.uint8) if has_mask else idx
     bk = _lastdim_unit(blank_k) if has_blank else q
     bv = _lastdim_unit(blank_v) if has_blank else q
-    BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "bwd_q")
+    q_group = _group_blocks(D, M, q.dtype, "bwd_q")
+    if q_group is not None:
+        BM, BD, _heads, GM, warps = q_group
+        n_qblocks = triton.cdiv(N, _GROUP)
+    else:
+        BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "bwd_q")
+        n_qblocks = triton.cdiv(N, BQ)
     hi, lo = _split_scale(scale)
-    n_qblocks = triton.cdiv(N, BQ)
     hpg, nhg = _head_groups(n_qblocks, B, H, dev)
 
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=dev)
@@ -1281,7 +1418,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     else:
         dbk_part = dbv_part = delta
     with _device_guard(q):
-        _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
+        q_args = (
             q, k, v, out, dout, lse, delta, dq, idx, pe_idx, mask_u8, pe_t, bk, bv,
             dpe if dpe is not None else delta, dsbuf if dsbuf is not None else delta,
             amax_do, amax_v, dpe_scale if dpe_scale is not None else delta, dbk_part, dbv_part,
@@ -1291,10 +1428,18 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
             bk.stride(0) if has_blank else 0, bv.stride(0) if has_blank else 0,
             H, N, M, D, T, n_rep, hi, lo, hpg, nhg, log2_c,
-            HAS_PE=has_pe, DPE_MODE=dpe_mode, HAS_MASK=has_mask, HAS_BLANK=has_blank,
-            ONE_CHUNK=BM >= M, BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, ACC=_tl_acc(q.dtype),
-            num_warps=warps,
         )
+        q_flags = dict(HAS_PE=has_pe, DPE_MODE=dpe_mode, HAS_MASK=has_mask, HAS_BLANK=has_blank,
+                       BLOCK_M=BM, BLOCK_D=BD, ACC=_tl_acc(q.dtype), num_warps=warps)
+        if q_group is not None:
+            _attn_bwd_q_cluster_kernel[(n_qblocks, B * nhg)](
+                *q_args, **q_flags, GROUP=_GROUP, ROWS=_GROUP_ROWS, GEN_M=GM,
+                **_dot_flags(q.dtype),
+            )
+        else:
+            _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
+                *q_args, **q_flags, ONE_CHUNK=BM >= M, BLOCK_Q=BQ,
+            )
 
         if compute_kv:
             dk = torch.empty((B, H, N, D), dtype=k.dtype, device=dev)

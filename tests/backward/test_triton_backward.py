@@ -201,6 +201,7 @@ def test_group_shared_lists_gradcheck_fp64(stray_every):
     assert gradcheck_triton(case, deterministic=True)
 
 
+@pytest.mark.usefixtures("group_kernels_on")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_group_shared_lists_backward_low_precision(dtype):
     case = make_case(2, 2, 61, 32, 40, seed=24, group=8)
@@ -237,6 +238,7 @@ def test_key_cluster_backward_fp32(shape, flags, deterministic):
     assert_grads_fp32(case, seed, deterministic)
 
 
+@pytest.mark.usefixtures("group_kernels_on")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_key_cluster_backward_low_precision(dtype):
     # The key-cluster kernel multiplies 16-bit operands on tensor cores (p and ds split
@@ -266,16 +268,18 @@ def test_group_kernels_heads_per_tile(heads, split, monkeypatch):
         assert_close(g[n], ref_g[n], 1e-4, f"d{n}")
 
 
-def test_key_cluster_backward_bf16_keeps_p_and_ds_bits():
-    # p and ds enter the tensor-core products as hi + lo bf16 parts: the key gradients come
-    # out closer to float64 than PyTorch's own bf16 run (RMS error 0.63-0.73x of it over
-    # seeds 29-32; a single bf16 cast of p and ds gives 0.89-1.13x).
+@pytest.mark.usefixtures("group_kernels_on")
+def test_group_backward_bf16_keeps_p_and_ds_bits():
+    # p and ds enter the tensor-core products as hi + lo bf16 parts (the key-cluster and the
+    # query-cluster backward): the gradients come out closer to float64 than PyTorch's own
+    # bf16 run (for dk, dv: RMS error 0.63-0.73x of it over seeds 29-32; a single bf16 cast
+    # of p and ds gives 0.89-1.13x).
     case = make_case(2, 2, 61, 32, 40, seed=29, whole_clusters=True)
     dout = dout_for(case, 29)
     _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
     _, pt_g = fwd_bwd(leaves(case, torch.bfloat16), "reference", dout)
     _, g = fwd_bwd(leaves(case, torch.bfloat16), "triton", dout)
-    for n in ("k", "v"):
+    for n in ("q", "k", "v"):
         def rms(x, n=n):
             return float((x.double() - ref_g[n]).pow(2).mean().sqrt())
         assert rms(g[n]) <= 0.85 * rms(pt_g[n]), f"d{n}: {rms(g[n]):.3e} vs {rms(pt_g[n]):.3e}"
@@ -482,6 +486,16 @@ def test_broadcast_upstream_grad():
     reference.cluster_attention(r["q"], r["k"], r["v"], r["member_idx"], **kw).sum().backward()
     for n in PARAMS:
         assert_close(c[n].grad, r[n].grad, 1e-12, f"d{n}")
+
+
+def test_query_cluster_kernel_dispatch(monkeypatch):
+    # The query-cluster backward runs where M fills its slot tile (a power of two); 48 pads
+    # it and takes the per-query kernel, unless the rule is lifted as the tests do.
+    assert tk._group_blocks(32, 64, torch.bfloat16, "bwd_q") is not None
+    assert tk._group_blocks(32, 48, torch.bfloat16, "bwd_q") is None
+    assert tk._group_blocks(32, 48, torch.bfloat16, "fwd") is not None
+    monkeypatch.setattr(tk, "GROUP_Q_FULL_TILE_ONLY", False)
+    assert tk._group_blocks(32, 48, torch.bfloat16, "bwd_q") is not None
 
 
 def test_head_groups_backward(monkeypatch):
