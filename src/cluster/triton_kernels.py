@@ -6,11 +6,13 @@ Cluster attention is a batched gather-GEMV (every query may have its own key lis
 per-query kernels use elementwise-product-and-reduce tiles ``[rows, slots, BLOCK_D]``
 instead of ``tl.dot``: exact float32 (no tf32), the same code for float64. In AFF the 8
 tokens of a cluster share one key list made of whole key clusters. The group kernels check
-that at run time and then use ``tl.dot``: the group forward (one program per 8 queries)
-gathers the group's keys and values once; the key-cluster backward (one program per 8 keys)
-walks a group-level reverse map of (query group, slot block) pairs, each a dense 8 x 8 block
-of scores. Both fall back to the per-query / per-key code for any input that does not have
-that layout; ``TUNING_GROUP`` says where they are used on the GPU (16-bit).
+that at run time and then use ``tl.dot``: the group forward and the query-cluster backward
+(one program per 8 queries) gather the group's keys and values once; the key-cluster
+backward (one program per 8 keys) walks a group-level reverse map of (query group, slot
+block) pairs, each a dense 8 x 8 block of scores. All fall back to the per-query / per-key
+code for any input that does not have that layout; ``TUNING_GROUP`` (and
+``TUNING_GROUP_HEADS``, ``GROUP_Q_FULL_TILE_ONLY``) say where they are used on the GPU
+(16-bit).
 
 Determinism: the forward, dq and the blank gradients never use atomics, so they are
 bitwise reproducible in both modes. With ``deterministic`` False the backward takes two
