@@ -604,12 +604,12 @@ def _attn_fwd_cluster_kernel(
     """One program per GROUP consecutive queries. AFF gives all tokens of a cluster the
     same key list, so the group's keys and values are gathered once as [BLOCK_M, BLOCK_D]
     tiles and the scores and outputs are tl.dot products, instead of every query gathering
-    its own copies. tl.dot wants >= 16 rows where a group has 8 queries, so the tile holds
-    the group's queries in HEADS heads at once (row r: head h + r // GROUP): the columns
-    are HEADS blocks of BLOCK_D, q is block-diagonal (row r nonzero in its head's block
-    only) and k, v hold each head's rows in its block, so q k^T gives every row its own
-    head's scores and p v its own head's output in its block; the elementwise softmax work
-    has no padded rows. A group whose queries name different keys falls back to the
+    its own copies. tl.dot wants >= 16 rows where a group has 8 queries: the tile holds
+    the group's queries in HEADS heads at once (row r: head h + r // GROUP; rows past
+    GROUP * HEADS are padding). The columns are HEADS blocks of BLOCK_D, q is
+    block-diagonal (row r nonzero in its head's block only) and k, v hold each head's rows
+    in its block, so q k^T gives every row its own head's scores and p v its own head's
+    output in its block. A group whose queries name different keys falls back to the
     per-query path (_fwd_rows), so any member_idx stays correct."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -701,10 +701,11 @@ def _dot_flags(dtype: torch.dtype) -> dict:
 
 def _group_blocks(D: int, M: int, dtype: torch.dtype, kind: str = "fwd"):
     """(BLOCK_M, BLOCK_D, heads per tile, fallback slots per chunk, num_warps) of the group
-    forward (kind "fwd") or query-side backward ("bwd_q"), or None
-    for the per-query kernel: key list too long for one tile, the group kernel off in
-    TUNING_GROUP for this dtype, or float64 on a GPU (Triton has no float64 tl.dot there;
-    the interpreter runs it, which is how the suite checks the group kernel in float64)."""
+    forward (kind "fwd") or query-cluster backward ("bwd_q"), or None for the per-query
+    kernel: key list too long for one tile, the group kernel off in TUNING_GROUP for this
+    dtype, M not a power of two for "bwd_q" (GROUP_Q_FULL_TILE_ONLY), or float64 on a GPU
+    (Triton has no float64 tl.dot there; the interpreter runs it, which is how the suite
+    checks the group kernels in float64)."""
     block_m, block_d = max(16, _np2(M)), max(16, _np2(D))
     if block_m * block_d > _GROUP_TILE // (2 if dtype == torch.float64 else 1):
         return None
