@@ -1,6 +1,7 @@
 """Settings of the group kernels (forward, query-side and key-cluster backward): on or off,
-num_warps, heads per tile and, for the key-cluster backward, map entries per chunk
-(cluster.triton_kernels.TUNING_GROUP, TUNING_GROUP_HEADS, _KV_GROUP_TILE).
+num_warps, heads per tile, for the key-cluster backward map entries per chunk, and the
+register cap of the kernel (cluster.triton_kernels.TUNING_GROUP, TUNING_GROUP_HEADS,
+_KV_GROUP_TILE, TUNING_MAXNREG).
 
 For each shape and dtype, profiles forward+backward steps of the triton backend (fast mode,
 torch.profiler, as profile_kernels.py) under every setting and prints the GPU time per step
@@ -9,7 +10,14 @@ host cannot issue the step as fast as the GPU runs it, do_bench times the host. 
 the per-query / per-key kernel. Copy the winners into the tables by hand. Needs a CUDA GPU.
 
     python benchmarks/tune_group.py [--kind fwd|bwd_q|bwd_kv] [--shapes affmae_stage1,highres]
-                                    [--dtypes bf16] [--steps 10] [--log FILE]
+                                    [--dtypes bf16] [--warps 0,1,2,4] [--maxnreg 0,128,96]
+                                    [--steps 10] [--log FILE]
+
+--warps limits the sweep to those num_warps (0 = the per-query / per-key kernel);
+--maxnreg sweeps register caps (0 = the compiler's choice) at the table's heads per tile
+and map entries. One warp per program is the usual choice here, and ptxas then gives it
+up to 255 registers, i.e. 8 resident programs (8 warps) per SM: a cap trades spills for
+more programs in flight.
 """
 
 from __future__ import annotations
@@ -33,12 +41,27 @@ HEADS = (1, 2)
 ENTRIES = (2, 4, 8)
 
 
-def settings(kind: str, tk):
-    """(warps, heads, map entries per chunk or None); warps 0 first: the ungrouped kernel."""
-    yield 0, 1, None
-    heads = HEADS if kind in tk.TUNING_GROUP_HEADS else (1,)
-    entries = ENTRIES if kind == "bwd_kv" else (None,)
-    yield from itertools.product(WARPS, heads, entries)
+def settings(kind: str, tk, warps=None, maxnreg=None):
+    """(warps, heads, map entries per chunk or None, register cap or None); warps 0 is the
+    ungrouped kernel. Without register caps: every warps x heads x entries; with them,
+    each cap at the tables' heads and entries."""
+    warps = (0,) + WARPS if warps is None else warps
+    if maxnreg is None:
+        heads = HEADS if kind in tk.TUNING_GROUP_HEADS else (1,)
+        entries = ENTRIES if kind == "bwd_kv" else (None,)
+        for w in warps:
+            if w == 0:
+                yield 0, 1, None, None
+            else:
+                yield from ((w, h, e, None) for h, e in itertools.product(heads, entries))
+        return
+    heads = tk.TUNING_GROUP_HEADS.get(kind, 1)
+    for w, cap in itertools.product(warps, maxnreg):
+        yield w, heads, None, cap or None
+
+
+def _ints(text: str | None):
+    return None if text is None else tuple(int(x) for x in text.split(","))
 
 
 def main(argv=None) -> int:
@@ -48,6 +71,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(bench.SHAPES),
                    help=f"comma-separated, of {', '.join(bench.SHAPES)}")
     p.add_argument("--dtypes", default="bf16")
+    p.add_argument("--warps", default=None, help="comma-separated num_warps; 0 = ungrouped")
+    p.add_argument("--maxnreg", default=None, help="comma-separated register caps; 0 = none")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--log", default=None, help="also write the lines to this file")
     opt = p.parse_args(argv)
@@ -62,7 +87,8 @@ def main(argv=None) -> int:
              f"triton {triton.__version__}, commit {bench.git_state()[0][:12]}; "
              f"{opt.kind}: GPU ms per fwd+bwd step (fast mode, {opt.steps} profiled steps)"]
     print(lines[0], flush=True)
-    saved = (dict(tk.TUNING_GROUP), dict(tk.TUNING_GROUP_HEADS), tk._KV_GROUP_TILE)
+    saved = (dict(tk.TUNING_GROUP), dict(tk.TUNING_GROUP_HEADS), tk._KV_GROUP_TILE,
+             dict(tk.TUNING_MAXNREG))
     try:
         for shape in opt.shapes.split(","):
             B, N, C, H, M = bench.SHAPES[shape]
@@ -72,8 +98,13 @@ def main(argv=None) -> int:
                 dtype = bench.DTYPES[bench.DTYPE_ALIASES.get(name, name)]
                 width = 2 if dtype in (torch.float16, torch.bfloat16) else 4
                 x = base.cast(dtype, True)
-                for warps, heads, entries in settings(opt.kind, tk):
+                for warps, heads, entries, cap in settings(
+                        opt.kind, tk, _ints(opt.warps), _ints(opt.maxnreg)):
                     tk.TUNING_GROUP[opt.kind, width] = warps
+                    kernel_key = opt.kind + ("_group" if warps else "")
+                    tk.TUNING_MAXNREG.pop((kernel_key, width), None)
+                    if cap:
+                        tk.TUNING_MAXNREG[kernel_key, width] = cap
                     if opt.kind in tk.TUNING_GROUP_HEADS:
                         tk.TUNING_GROUP_HEADS[opt.kind] = heads
                     if entries is not None:
@@ -84,6 +115,8 @@ def main(argv=None) -> int:
                     what = ("ungrouped" if warps == 0 else
                             f"warps {warps}, heads {heads}"
                             + ("" if entries is None else f", entries {entries}"))
+                    if opt.maxnreg is not None:
+                        what += f", maxnreg {cap or 'none'}"
                     line = (f"{shape} {name} {opt.kind} ({what}): kernel {kernel:.4f} ms, "
                             f"step {total:.4f} ms")
                     lines.append(line)
@@ -92,6 +125,8 @@ def main(argv=None) -> int:
         tk.TUNING_GROUP.update(saved[0])
         tk.TUNING_GROUP_HEADS.update(saved[1])
         tk._KV_GROUP_TILE = saved[2]
+        tk.TUNING_MAXNREG.clear()
+        tk.TUNING_MAXNREG.update(saved[3])
     if opt.log:
         Path(opt.log).write_text("\n".join(lines) + "\n")
     return 0

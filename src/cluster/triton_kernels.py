@@ -103,6 +103,13 @@ TUNING_GROUP_HEADS: dict[str, int] = {"fwd": 1, "bwd_kv": 2}
 # it to 64: aff_tiny_stage2 0.206 -> 0.227, highres 0.51 -> 0.61 (cause not measured). So it
 # runs only where M is a power of two, unless this is False (the tests' group_kernels_on).
 GROUP_Q_FULL_TILE_ONLY = True
+# Register cap (ptxas .maxnreg) per attention kernel ("fwd", "bwd_q", "bwd_kv", each with
+# "_group" for the group kernel) and value width; absent = the compiler's choice.
+TUNING_MAXNREG: dict[tuple[str, int], int] = {}
+
+
+def _maxnreg(kernel: str, dtype: torch.dtype) -> int | None:
+    return TUNING_MAXNREG.get((kernel, _width(dtype)))
 
 
 def _interpreter_numpy_shim() -> None:
@@ -784,7 +791,7 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
             _attn_fwd_cluster_kernel[(n_blocks, B * nhg)](
                 *args, H, N, M, D, hi, lo, hpg, nhg, **flags, GROUP=_GROUP, ROWS=_GROUP_ROWS,
                 HEADS=heads, BLOCK_M=BM, BLOCK_D=BD, GEN_M=GM, **_dot_flags(q.dtype),
-                num_warps=warps,
+                num_warps=warps, maxnreg=_maxnreg("fwd_group", q.dtype),
             )
         else:
             BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "fwd")
@@ -792,6 +799,7 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
             _attn_fwd_kernel[(triton.cdiv(N, BQ), B * nhg)](
                 *args, H, N, M, D, hi, lo, hpg, nhg, **flags, ONE_CHUNK=BM >= M,
                 BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, num_warps=warps,
+                maxnreg=_maxnreg("fwd", q.dtype),
             )
     return out, lse
 
@@ -1437,11 +1445,12 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         if q_group is not None:
             _attn_bwd_q_cluster_kernel[(n_qblocks, B * nhg)](
                 *q_args, **q_flags, GROUP=_GROUP, ROWS=_GROUP_ROWS, GEN_M=GM,
-                **_dot_flags(q.dtype),
+                **_dot_flags(q.dtype), maxnreg=_maxnreg("bwd_q_group", q.dtype),
             )
         else:
             _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
                 *q_args, **q_flags, ONE_CHUNK=BM >= M, BLOCK_Q=BQ,
+                maxnreg=_maxnreg("bwd_q", q.dtype),
             )
 
         if compute_kv:
@@ -1480,6 +1489,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                     HAS_PE=has_pe, HAS_MASK=has_mask, GROUP=_GROUP, ROWS=_GROUP_ROWS,
                     HEADS=kv_heads, BLOCK_G=BG, BLOCK_E=BE, BLOCK_D=GBD, **_dot_flags(q.dtype),
                     ACC=_tl_acc(q.dtype), num_warps=gw,
+                    maxnreg=_maxnreg("bwd_kv_group", q.dtype),
                 )
             else:
                 kv_hpg, kv_nhg = _head_groups(triton.cdiv(N, BK_), B, H, dev)
@@ -1488,6 +1498,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                     H, N, M, D, hi, lo, kv_hpg, kv_nhg,
                     HAS_PE=has_pe, BLOCK_K=BK_, BLOCK_E=BE, BLOCK_D=KBD,
                     ACC=_tl_acc(q.dtype), num_warps=kv_warps,
+                    maxnreg=_maxnreg("bwd_kv", q.dtype),
                 )
         else:
             dk = q.new_empty(0, dtype=k.dtype)
