@@ -104,8 +104,18 @@ TUNING_GROUP_HEADS: dict[str, int] = {"fwd": 1, "bwd_kv": 2}
 # runs only where M is a power of two, unless this is False (the tests' group_kernels_on).
 GROUP_Q_FULL_TILE_ONLY = True
 # Register cap (ptxas .maxnreg) per attention kernel ("fwd", "bwd_q", "bwd_kv", each with
-# "_group" for the group kernel) and value width; absent = the compiler's choice.
-TUNING_MAXNREG: dict[tuple[str, int], int] = {}
+# "_group" for the group kernel) and value width; absent = the compiler's choice. With
+# one or two warps per program ptxas takes up to 255 registers a thread, which leaves 8
+# (one warp) or 4 programs resident per SM; a cap trades spills for programs in flight.
+# Kernel times on the H200 (results/tune-maxnreg-h200-2026-11-29.log): the key-cluster
+# backward (2 warps) at 128 takes affmae_stage1 0.405 -> 0.369 ms, highres 0.387 -> 0.346,
+# config_3_large 0.081 -> 0.064; the per-query backward at 80 (16-bit) takes highres
+# 0.515 -> 0.483 and affmae_stage1's (float32, 128) 0.725 -> 0.691, the per-key one's
+# float32 0.800 -> 0.744. Caps slow the group forward and query-cluster backward (one
+# warp, 0.228 -> 0.277 ms at 168), so those keep the compiler's choice.
+TUNING_MAXNREG: dict[tuple[str, int], int] = {
+    ("bwd_kv_group", 2): 128, ("bwd_q", 2): 80, ("bwd_q", 4): 128, ("bwd_kv", 4): 128,
+}
 
 
 def _maxnreg(kernel: str, dtype: torch.dtype) -> int | None:
