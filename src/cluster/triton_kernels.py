@@ -476,7 +476,7 @@ def _fwd_rows(
     N, M, D, scale_hi, scale_lo,
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BLANK: tl.constexpr,
     ONE_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC: tl.constexpr, FTZ: tl.constexpr,
 ):
     """Head ``h`` of a row block, each query gathering its own keys (any member_idx):
     online softmax over chunks of BLOCK_M slots. Pointers are already offset to the batch."""
@@ -509,8 +509,8 @@ def _fwd_rows(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # All-invalid so far: shift by 0 so that exp(-inf - shift) = 0, never NaN.
         m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
-        alpha = tl.exp(m_i - m_use)
-        p = tl.exp(s - m_use[:, None])
+        alpha = _exp(m_i - m_use, FTZ)
+        p = _exp(s - m_use[:, None], FTZ)
         l_i = l_i * alpha + tl.sum(p, 1)
         vt = _gather_rows(V, h * svh, idx, offs_d, kd_ok, svn, ACC)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt, 1)
@@ -540,7 +540,7 @@ def _attn_fwd_kernel(
     H, N, M, D, scale_hi, scale_lo, HPG, NHG,
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BLANK: tl.constexpr,
     ONE_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC: tl.constexpr, FTZ: tl.constexpr,
 ):
     pid = tl.program_id(0)
     # Axis 1 enumerates (batch, head group): small problems split the heads over
@@ -570,7 +570,7 @@ def _attn_fwd_kernel(
         _fwd_rows(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_q, q_ok, row_off,
                   idx0, pe0, ok0, sqh, sqn, skh, skn, svh, svn, soh, son, spet, speh,
                   sbkh, sbvh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, HAS_BLANK,
-                  ONE_CHUNK, BLOCK_Q, BLOCK_M, BLOCK_D, ACC)
+                  ONE_CHUNK, BLOCK_Q, BLOCK_M, BLOCK_D, ACC, FTZ)
 
 
 @triton.jit
@@ -582,6 +582,29 @@ def _mma(a, b, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _exp(x, FTZ: tl.constexpr):
+    """exp(x). FTZ (float32 on a GPU): one ex2.approx.ftz per element, where tl.exp's
+    ex2.approx also rounds subnormal results (3 more instructions per element on sm_90).
+    The two differ only where exp(x) < 2^-126, which FTZ flushes to 0: a probability
+    that small adds nothing a float32 sum can hold beside the row's largest term (1)."""
+    if FTZ:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f",
+                                         [x * 1.4426950408889634], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    return tl.exp(x)
+
+
+@triton.jit
+def _scale(x, scale_hi, scale_lo, ONE_PART: tl.constexpr):
+    """x * scale with the scale as a hi + lo pair (float64 kernels need its lo part, fp32
+    ones gain ~2^-24 of it); ONE_PART (16-bit operands): hi alone, as the 16-bit
+    operands and output carry 2^-9 of rounding."""
+    if ONE_PART:
+        return x * scale_hi
+    return x * scale_hi + x * scale_lo
 
 
 @triton.jit
@@ -616,7 +639,7 @@ def _attn_fwd_cluster_kernel(
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BLANK: tl.constexpr,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, GEN_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-    ACC: tl.constexpr,
+    FTZ: tl.constexpr, ACC: tl.constexpr,
 ):
     """One program per GROUP consecutive queries. AFF gives all tokens of a cluster the
     same key list, so the group's keys and values are gathered once as [BLOCK_M, BLOCK_D]
@@ -659,8 +682,7 @@ def _attn_fwd_cluster_kernel(
                         mask=rd_ok, other=0.0)
             k = tl.load(K + (h + hc)[None, :] * skh + lead[:, None] * skn + dc[None, :],
                         mask=kv_ok, other=0.0)
-            s = _mma(q, tl.trans(k), UPCAST).to(ACC)
-            s = s * scale_hi + s * scale_lo
+            s = _scale(_mma(q, tl.trans(k), UPCAST).to(ACC), scale_hi, scale_lo, SPLIT)
             if HAS_PE:
                 s += tl.load(PE + pe * spet + (h + hr)[:, None] * speh, mask=s_ok,
                              other=0.0).to(ACC)
@@ -669,11 +691,10 @@ def _attn_fwd_cluster_kernel(
             if HAS_BLANK:
                 bk = tl.load(BK + (h + hr)[:, None] * sbkh + dc[None, :], mask=rd_ok,
                              other=0.0).to(ACC)
-                sb = tl.sum(q.to(ACC) * bk, 1)
-                sb = sb * scale_hi + sb * scale_lo
+                sb = _scale(tl.sum(q.to(ACC) * bk, 1), scale_hi, scale_lo, SPLIT)
                 m_i = tl.maximum(m_i, sb)
             m_use = tl.where(m_i == NEG_INF, 0.0, m_i)
-            p = tl.exp(s - m_use[:, None])
+            p = _exp(s - m_use[:, None], FTZ)
             l_i = tl.sum(p, 1)
             v = tl.load(V + (h + hc)[None, :] * svh + lead[:, None] * svn + dc[None, :],
                         mask=kv_ok, other=0.0)
@@ -688,7 +709,7 @@ def _attn_fwd_cluster_kernel(
             if HAS_BLANK:
                 bv = tl.load(BV + (h + hr)[:, None] * sbvh + dc[None, :], mask=rd_ok,
                              other=0.0).to(ACC)
-                pb = tl.exp(sb - m_use)
+                pb = _exp(sb - m_use, FTZ)
                 l_i += pb
                 acc += pb[:, None] * bv
             _fwd_store(O, LSE, (h + hr) * soh + offs_q * son, (h + hr) * N + offs_q, r_ok,
@@ -700,7 +721,7 @@ def _attn_fwd_cluster_kernel(
             _fwd_rows(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_g, g_ok,
                       offs_g * M, 0, 0, 0, sqh, sqn, skh, skn, svh, svn, soh, son, spet, speh,
                       sbkh, sbvh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, HAS_BLANK,
-                      False, GROUP, GEN_M, BLOCK_D, ACC)
+                      False, GROUP, GEN_M, BLOCK_D, ACC, FTZ)
 
 
 # Tokens per cluster in AFF, i.e. the queries that share one key list; the group-shared
@@ -709,6 +730,14 @@ def _attn_fwd_cluster_kernel(
 _GROUP = 8
 _GROUP_ROWS = 16
 _GROUP_TILE = 8192
+
+
+def _ftz(dtype: torch.dtype) -> bool:
+    # _exp's FTZ path is PTX (inline asm): never in the interpreter, and float32 only.
+    # The query-side backward kernels keep tl.exp: with FTZ (and _scale's one part) the
+    # query-cluster one ran 3.5 % slower, the per-query one 1.3 % (H200, A / B on one
+    # machine, results/ftz-ab-h200-2026-11-29.log), where the forward ran 4 % faster.
+    return not _INTERPRET and dtype != torch.float64
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
@@ -801,14 +830,14 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
             _attn_fwd_cluster_kernel[(n_blocks, B * nhg)](
                 *args, H, N, M, D, hi, lo, hpg, nhg, **flags, GROUP=_GROUP, ROWS=_GROUP_ROWS,
                 HEADS=heads, BLOCK_M=BM, BLOCK_D=BD, GEN_M=GM, **_dot_flags(q.dtype),
-                num_warps=warps, maxnreg=_maxnreg("fwd_group", q.dtype),
+                FTZ=_ftz(q.dtype), num_warps=warps, maxnreg=_maxnreg("fwd_group", q.dtype),
             )
         else:
             BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "fwd")
             hpg, nhg = _head_groups(triton.cdiv(N, BQ), B, H, q.device)
             _attn_fwd_kernel[(triton.cdiv(N, BQ), B * nhg)](
                 *args, H, N, M, D, hi, lo, hpg, nhg, **flags, ONE_CHUNK=BM >= M,
-                BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, num_warps=warps,
+                BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, FTZ=_ftz(q.dtype), num_warps=warps,
                 maxnreg=_maxnreg("fwd", q.dtype),
             )
     return out, lse
@@ -1076,7 +1105,7 @@ def _bwd_kv_rows(
     sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh,
     N, M, D, scale_hi, scale_lo,
     HAS_PE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC: tl.constexpr, FTZ: tl.constexpr,
 ):
     """Head ``h`` of BLOCK_K keys, each walking its own list of (query, slot) entries in
     the token-level reverse map. Pointers are already offset to the batch."""
@@ -1109,7 +1138,7 @@ def _bwd_kv_rows(
         if HAS_PE:
             pe = tl.load(PEIDX + slot, mask=ok, other=0)
             s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
-        p = tl.where(ok, tl.exp(s - lse), 0.0)
+        p = tl.where(ok, _exp(s - lse, FTZ), 0.0)
         dp = tl.sum(dot * vn[:, None, :], 2)
         ds = p * (dp - delta)
         dv += tl.sum(p[:, :, None] * dot, 1)
@@ -1143,7 +1172,7 @@ def _attn_bwd_kv_kernel(
     spet, speh,
     H, N, M, D, scale_hi, scale_lo, HPG, NHG,
     HAS_PE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC: tl.constexpr, FTZ: tl.constexpr,
 ):
     """Key side: each program owns BLOCK_K keys and walks the queries that name them
     (the reverse map), so dk / dv are plain stores in a fixed order."""
@@ -1159,7 +1188,7 @@ def _attn_bwd_kv_kernel(
     for h in range(h_lo, h_hi):
         _bwd_kv_rows(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k, k_ok,
                      sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh, N, M, D,
-                     scale_hi, scale_lo, HAS_PE, BLOCK_K, BLOCK_E, BLOCK_D, ACC)
+                     scale_hi, scale_lo, HAS_PE, BLOCK_K, BLOCK_E, BLOCK_D, ACC, FTZ)
 
 
 @triton.jit
@@ -1204,7 +1233,7 @@ def _kv_cluster_tile(
     N, M, D, scale_hi, scale_lo,
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
     HEADS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, FTZ: tl.constexpr, ACC: tl.constexpr,
 ):
     """dk, dv of key cluster kc in heads h .. h + HEADS - 1 (HEADS = 1 or 2), walking its
     cnt entries of the group-level map from ``start``. The ROWS (>= 16, tl.dot's minimum)
@@ -1253,13 +1282,12 @@ def _kv_cluster_tile(
             delta1 = tl.load(DELTA + (h + 1) * N + qi, mask=q_ok, other=0.0)
             lse = tl.where(hr[:, None] == 1, lse1[None, :], lse)
             delta = tl.where(hr[:, None] == 1, delta1[None, :], delta)
-        s = _mma(kn, tl.trans(qt), UPCAST).to(ACC)
-        s = s * scale_hi + s * scale_lo
+        s = _scale(_mma(kn, tl.trans(qt), UPCAST).to(ACC), scale_hi, scale_lo, SPLIT)
         if HAS_PE:
             pe = tl.load(PEIDX + off, mask=ok, other=0)
             s += tl.load(PE + pe * spet + (h + hr)[:, None] * speh, mask=ok,
                          other=0.0).to(ACC)
-        p = tl.where(ok, tl.exp(s - lse), 0.0)
+        p = tl.where(ok, _exp(s - lse, FTZ), 0.0)
         dp = _mma(vn, tl.trans(dot), UPCAST).to(ACC)
         ds = p * (dp - delta)
         if SPLIT:
@@ -1286,7 +1314,7 @@ def _attn_bwd_kv_cluster_kernel(
     H, N, M, D, scale_hi, scale_lo, HPG, NHG,
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
     HEADS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, FTZ: tl.constexpr, ACC: tl.constexpr,
 ):
     """Key side by key cluster: one program per GROUP consecutive keys. When every query
     group of the batch shares its list and names whole key clusters (AFF's layout, checked
@@ -1316,20 +1344,21 @@ def _attn_bwd_kv_cluster_kernel(
             _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc, h,
                              start, cnt, n_blocks, sqh, sqn, skh, skn, svh, svn, sdoh, sdon,
                              spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, GROUP,
-                             ROWS, HEADS, BLOCK_G, BLOCK_D, SPLIT, UPCAST, ACC)
+                             ROWS, HEADS, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ, ACC)
         if HEADS > 1:
             if (h_hi - h_lo) % HEADS != 0:
                 _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc,
                                  h_hi - 1, start, cnt, n_blocks, sqh, sqn, skh, skn, svh, svn,
                                  sdoh, sdon, spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE,
-                                 HAS_MASK, GROUP, ROWS, 1, BLOCK_G, BLOCK_D, SPLIT, UPCAST, ACC)
+                                 HAS_MASK, GROUP, ROWS, 1, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ,
+                                 ACC)
     else:
         offs_k = kc * GROUP + tl.arange(0, GROUP)
         k_ok = offs_k < N
         for h in range(h_lo, h_hi):
             _bwd_kv_rows(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k,
                          k_ok, sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh, N, M, D,
-                         scale_hi, scale_lo, HAS_PE, GROUP, BLOCK_E, BLOCK_D, ACC)
+                         scale_hi, scale_lo, HAS_PE, GROUP, BLOCK_E, BLOCK_D, ACC, FTZ)
 
 
 @triton.jit
@@ -1498,7 +1527,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                     pe_idx, mask_u8, pe_t, *kv_args, H, N, M, D, hi, lo, kv_hpg, kv_nhg,
                     HAS_PE=has_pe, HAS_MASK=has_mask, GROUP=_GROUP, ROWS=_GROUP_ROWS,
                     HEADS=kv_heads, BLOCK_G=BG, BLOCK_E=BE, BLOCK_D=GBD, **_dot_flags(q.dtype),
-                    ACC=_tl_acc(q.dtype), num_warps=gw,
+                    FTZ=_ftz(q.dtype), ACC=_tl_acc(q.dtype), num_warps=gw,
                     maxnreg=_maxnreg("bwd_kv_group", q.dtype),
                 )
             else:
@@ -1507,7 +1536,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                     q, k, v, dout, lse, delta, dk, dv, perm, ptr, pe_idx, pe_t, *kv_args,
                     H, N, M, D, hi, lo, kv_hpg, kv_nhg,
                     HAS_PE=has_pe, BLOCK_K=BK_, BLOCK_E=BE, BLOCK_D=KBD,
-                    ACC=_tl_acc(q.dtype), num_warps=kv_warps,
+                    ACC=_tl_acc(q.dtype), FTZ=_ftz(q.dtype), num_warps=kv_warps,
                     maxnreg=_maxnreg("bwd_kv", q.dtype),
                 )
         else:
