@@ -498,6 +498,27 @@ def test_query_cluster_kernel_dispatch(monkeypatch):
     assert tk._group_blocks(32, 48, torch.bfloat16, "bwd_q") is not None
 
 
+@pytest.mark.parametrize("group", [False, True], ids=["per_row", "group"])
+def test_register_caps_keep_results(group, request, monkeypatch):
+    # TUNING_MAXNREG changes how ptxas allocates registers (spills on the GPU; ignored by
+    # the interpreter), never what the kernels compute: every attention kernel capped low.
+    if group:
+        request.getfixturevalue("group_kernels_on")
+    for kind in ("fwd", "bwd_q", "bwd_kv"):
+        for name in (kind, kind + "_group"):
+            for width in (2, 4):
+                monkeypatch.setitem(tk.TUNING_MAXNREG, (name, width), 64)
+    case = make_case(2, 3, 64, 16, 16, seed=23, whole_clusters=True)
+    dout = dout_for(case, 23)
+    out_ref, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
+    for det in (False, True):
+        out, g = fwd_bwd(leaves(case, torch.float32), "triton", dout, deterministic=det)
+        assert_close(out, out_ref, 1e-5, "out")
+        for n in ref_g:
+            assert_close(g[n], ref_g[n], 1e-4, f"d{n}")
+    assert_grads_lowp(case, 23, torch.bfloat16)
+
+
 def test_head_groups_backward(monkeypatch):
     case = make_case(1, 3, 30, 12, 10, seed=20)
     dout = dout_for(case, 20)
