@@ -12,7 +12,7 @@ backward (one program per 8 keys) walks a group-level reverse map of (query grou
 block) pairs, each a dense 8 x 8 block of scores. All fall back to the per-query / per-key
 code for any input that does not have that layout; ``TUNING_GROUP`` (and
 ``TUNING_GROUP_HEADS``, ``GROUP_Q_FULL_TILE_ONLY``) say where they are used on the GPU
-(16-bit).
+(16-bit). ``TUNING_MAXNREG`` caps the registers of some kernels (launch options only).
 
 Determinism: the forward, dq and the blank gradients never use atomics, so they are
 bitwise reproducible in both modes. With ``deterministic`` False the backward takes two
