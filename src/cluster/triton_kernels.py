@@ -412,17 +412,19 @@ def _group_reverse_map(member_idx: torch.Tensor, mask_u8: torch.Tensor | None, n
     dev = member_idx.device
     gkey = torch.empty((B, n_groups * (M // _GROUP)), dtype=_sort_key_dtype(n_groups),
                        device=dev)
-    bad = torch.zeros(B + 1, dtype=torch.int32, device=dev)
+    # One zeroed buffer for the per-cluster counts (then, summed in place, gptr) and the
+    # flags: where a sort of the keys + searchsorted took three more launches per step.
+    counts = torch.zeros(B * (n_groups + 1) + B + 1, dtype=torch.int32, device=dev)
+    gptr = counts[:B * (n_groups + 1)].view(B, n_groups + 1)
+    bad = counts[B * (n_groups + 1):]
     with _device_guard(member_idx):
         _group_key_kernel[(n_groups, B)](
-            member_idx, mask_u8 if mask_u8 is not None else member_idx, gkey, bad, N, M,
-            n_groups, HAS_MASK=mask_u8 is not None, GROUP=_GROUP, BLOCK_M=_np2(M),
+            member_idx, mask_u8 if mask_u8 is not None else member_idx, gkey, gptr, bad, N,
+            M, n_groups, HAS_MASK=mask_u8 is not None, GROUP=_GROUP, BLOCK_M=_np2(M),
             num_warps=_NUM_WARPS,
         )
-    sorted_key, gperm = torch.sort(gkey, dim=1, stable=True)
-    bounds = torch.arange(n_groups + 1, device=dev, dtype=gkey.dtype)
-    gptr = torch.searchsorted(sorted_key, bounds.expand(B, n_groups + 1).contiguous(),
-                              out_int32=True)
+    gperm = torch.sort(gkey, dim=1, stable=True)[1]
+    gptr.cumsum_(1)
     return gperm, gptr, bad[:B], bad[B:]
 
 
@@ -1192,13 +1194,14 @@ def _attn_bwd_kv_kernel(
 
 
 @triton.jit
-def _group_key_kernel(IDX, MASK, GKEY, BAD, N, M, NKC, HAS_MASK: tl.constexpr,
+def _group_key_kernel(IDX, MASK, GKEY, CNT, BAD, N, M, NKC, HAS_MASK: tl.constexpr,
                       GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
     """Group-level reverse-map keys: GKEY[b, g * J + j] = the key cluster that slot block j
     (slots j*GROUP .. j*GROUP + GROUP-1) of query group g names, or NKC when no query of the
-    group uses that block. BAD[b] is raised when some group of batch b does not share one
-    key list, or a used block is not one whole key cluster in order (slot t of the block
-    naming token cluster * GROUP + t): then batch b needs the token-level map."""
+    group uses that block; CNT[b, c + 1] counts the used blocks naming key cluster c (its
+    running sum is the CSR's ptr). BAD[b] is raised when some group of batch b does not
+    share one key list, or a used block is not one whole key cluster in order (slot t of
+    the block naming token cluster * GROUP + t): then batch b needs the token-level map."""
     g = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     J: tl.constexpr = BLOCK_M // GROUP
@@ -1221,6 +1224,11 @@ def _group_key_kernel(IDX, MASK, GKEY, BAD, N, M, NKC, HAS_MASK: tl.constexpr,
     n_blocks = M // GROUP
     tl.store(GKEY + (b * tl.num_programs(0) + g) * n_blocks + offs_j,
              tl.where(used, c_hi, NKC).to(GKEY.dtype.element_ty), mask=offs_j < n_blocks)
+    # Counted only where c_hi names a key cluster: an index out of range (which flags the
+    # batch) must not become an address.
+    counted = used & (c_hi < NKC) & (offs_j < n_blocks)
+    tl.atomic_add(CNT + b * (NKC + 1) + 1 + tl.where(counted, c_hi, 0), 1, mask=counted,
+                  sem="relaxed")
     # Relaxed: read only by later kernels and the host. BAD[B] flags any batch.
     tl.atomic_max(BAD + b, bad.to(tl.int32), sem="relaxed")
     tl.atomic_max(BAD + tl.num_programs(1), bad.to(tl.int32), sem="relaxed")
@@ -1463,8 +1471,9 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                 dpe_scale = torch.empty(1, dtype=torch.float32, device=dev)
                 log2_c = math.log2(4.0 * D * B * H * N)
     if has_blank:
-        dbk_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
-        dbv_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
+        # The blank's two partial sums in one buffer: one reduction for both at the end.
+        blank_part = torch.empty((2, B * n_qblocks, H, D), dtype=acc, device=dev)
+        dbk_part, dbv_part = blank_part[0], blank_part[1]
     else:
         dbk_part = dbv_part = delta
     with _device_guard(q):
@@ -1552,8 +1561,11 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             dpe = _pe_grad_deterministic(dsbuf, pe_idx, mask_b, T, H, acc)
     dpe = dpe.to(pe_table.dtype) if dpe is not None else q.new_empty(0)
     if has_blank:
-        dbk = dbk_part.sum(0).to(blank_k.dtype)
-        dbv = dbv_part.sum(0).to(blank_v.dtype)
+        sums = blank_part.sum(1)
+        if blank_k.dtype == blank_v.dtype:
+            dbk, dbv = sums.to(blank_k.dtype).unbind(0)
+        else:
+            dbk, dbv = sums[0].to(blank_k.dtype), sums[1].to(blank_v.dtype)
     else:
         dbk, dbv = q.new_empty(0), q.new_empty(0)
     return dq, dk, dv, dpe, dbk, dbv

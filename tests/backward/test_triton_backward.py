@@ -338,6 +338,14 @@ def test_group_key_map_lists_and_flags():
                     want[int(idx[b, gi * 8, j * 8]) // 8].append(gi * J + j)
         got = [gperm[b, int(gptr[b, c]):int(gptr[b, c + 1])].tolist() for c in range(n_groups)]
         assert got == want
+    # Two slot blocks of one group naming the same key cluster: both entries, in order.
+    dup = idx.clone()
+    dup[1, 8:16, 8:16] = dup[1, 8:16, 0:8]
+    gperm, gptr, bad, _any = tk._group_reverse_map(dup, valid.view(torch.uint8), N)
+    c = int(dup[1, 8, 0]) // 8
+    got = gperm[1, int(gptr[1, c]):int(gptr[1, c + 1])].tolist()
+    assert bad.tolist() == [0, 0] and got.count(3) == 1 and got.count(4) == 1, got
+    assert int(gptr[1, -1]) == n_groups * J
     # A group whose queries differ, a block out of cluster order, an index out of range:
     # each flags its batch (and only it); masked slots may hold anything. Without the
     # padding mask the short last cluster's slots (all naming N - 1) are out of order.
