@@ -429,6 +429,15 @@ def _group_reverse_map(member_idx: torch.Tensor, mask_u8: torch.Tensor | None, n
 
 
 @triton.jit
+def _batch_heads(pid_bh, NHG, HPG, H):
+    """Batch and head range [h_lo, h_hi) of grid axis 1, which enumerates (batch, head
+    group): small problems split the heads over several programs (_head_groups)."""
+    b = (pid_bh // NHG).to(tl.int64)
+    h_lo = (pid_bh % NHG) * HPG
+    return b, h_lo, tl.minimum(h_lo + HPG, H)
+
+
+@triton.jit
 def _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
                 HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):
     """Key indices, bias-table rows and validity of slots m0..m0+BLOCK_M of a row block."""
@@ -545,12 +554,8 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr, ACC: tl.constexpr, FTZ: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    # Axis 1 enumerates (batch, head group): small problems split the heads over
-    # several programs so that the GPU still gets enough of them.
     pid_bh = tl.program_id(1)
-    b = (pid_bh // NHG).to(tl.int64)
-    h_lo = (pid_bh % NHG) * HPG
-    h_hi = tl.minimum(h_lo + HPG, H)
+    b, h_lo, h_hi = _batch_heads(pid_bh, NHG, HPG, H)
     offs_q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_ok = offs_q < N
     row_off = offs_q * M
@@ -655,9 +660,7 @@ def _attn_fwd_cluster_kernel(
     per-query path (_fwd_rows), so any member_idx stays correct."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // NHG).to(tl.int64)
-    h_lo = (pid_bh % NHG) * HPG
-    h_hi = tl.minimum(h_lo + HPG, H)
+    b, h_lo, h_hi = _batch_heads(pid_bh, NHG, HPG, H)
     IDX += b * N * M
     PEIDX += b * N * M
     MASK += b * N * M
@@ -869,6 +872,18 @@ def _dpe_fixed_scale(AMAX_DO, AMAX_V, log2_c):
 
 
 @triton.jit
+def _dpe_step_scale(AMAX_DO, AMAX_V, DPE_SCALE, log2_c, first, DPE_MODE: tl.constexpr):
+    """DPE_MODE 3's fixed-point scale (0.0 in the other modes); the first program stores
+    it for the host, which divides the int64 sums by it."""
+    dpe_scale = 0.0
+    if DPE_MODE == 3:
+        dpe_scale = _dpe_fixed_scale(AMAX_DO, AMAX_V, log2_c)
+        if first:
+            tl.store(DPE_SCALE, dpe_scale)
+    return dpe_scale
+
+
+@triton.jit
 def _bwd_q_prologue(
     O, DO, LSE, DELTA, BK, BV, DBK_PART, DBV_PART, h, lin, offs_q, q_ok, qs,
     soh, son, sdoh, sdon, sbkh, sbvh, H, N, D,
@@ -989,9 +1004,7 @@ def _attn_bwd_q_kernel(
     """
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // NHG).to(tl.int64)
-    h_lo = (pid_bh % NHG) * HPG
-    h_hi = tl.minimum(h_lo + HPG, H)
+    b, h_lo, h_hi = _batch_heads(pid_bh, NHG, HPG, H)
     # Head groups of one row block write disjoint heads of the same partial row.
     lin = b * tl.num_programs(0) + pid
     # Neighbouring programs (which run at the same time) add into different replicas.
@@ -1006,11 +1019,8 @@ def _attn_bwd_q_kernel(
     if ONE_CHUNK:
         idx0, pe0, ok0, off0 = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M,
                                            HAS_PE, HAS_MASK, BLOCK_M)
-    dpe_scale = 0.0
-    if DPE_MODE == 3:
-        dpe_scale = _dpe_fixed_scale(AMAX_DO, AMAX_V, log2_c)
-        if (pid == 0) & (pid_bh == 0):
-            tl.store(DPE_SCALE, dpe_scale)
+    dpe_scale = _dpe_step_scale(AMAX_DO, AMAX_V, DPE_SCALE, log2_c, (pid == 0) & (pid_bh == 0),
+                                DPE_MODE)
     for h in range(h_lo, h_hi):
         _bwd_q_rows(Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV, DPE, DSBUF,
                     DBK_PART, DBV_PART, h, lin, rep, dpe_scale, offs_q, q_ok, row_off, idx0,
@@ -1038,19 +1048,14 @@ def _attn_bwd_q_cluster_kernel(
     share falls back to the per-query path."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // NHG).to(tl.int64)
-    h_lo = (pid_bh % NHG) * HPG
-    h_hi = tl.minimum(h_lo + HPG, H)
+    b, h_lo, h_hi = _batch_heads(pid_bh, NHG, HPG, H)
     lin = b * tl.num_programs(0) + pid
     rep = lin % R
     Q, K, V, O, DO, DQ, LSE, DELTA, IDX, PEIDX, MASK, DSBUF = _bwd_q_batch(
         Q, K, V, O, DO, DQ, LSE, DELTA, IDX, PEIDX, MASK, DSBUF, b, sqb, skb, svb, sob, sdob,
         H, N, M, D)
-    dpe_scale = 0.0
-    if DPE_MODE == 3:
-        dpe_scale = _dpe_fixed_scale(AMAX_DO, AMAX_V, log2_c)
-        if (pid == 0) & (pid_bh == 0):
-            tl.store(DPE_SCALE, dpe_scale)
+    dpe_scale = _dpe_step_scale(AMAX_DO, AMAX_V, DPE_SCALE, log2_c, (pid == 0) & (pid_bh == 0),
+                                DPE_MODE)
     offs_q, q_ok, pe, ok, lead, live, shared = _group_slots(
         IDX, PEIDX, MASK, pid, N, M, HAS_PE, HAS_MASK, GROUP, ROWS, 1, BLOCK_M)
     if shared:
@@ -1180,9 +1185,7 @@ def _attn_bwd_kv_kernel(
     (the reverse map), so dk / dv are plain stores in a fixed order."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // NHG).to(tl.int64)
-    h_lo = (pid_bh % NHG) * HPG
-    h_hi = tl.minimum(h_lo + HPG, H)
+    b, h_lo, h_hi = _batch_heads(pid_bh, NHG, HPG, H)
     offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = offs_k < N
     Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX = _bwd_kv_batch(
@@ -1335,9 +1338,7 @@ def _attn_bwd_kv_cluster_kernel(
     last one alone. Otherwise the program walks the token-level map."""
     kc = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // NHG).to(tl.int64)
-    h_lo = (pid_bh % NHG) * HPG
-    h_hi = tl.minimum(h_lo + HPG, H)
+    b, h_lo, h_hi = _batch_heads(pid_bh, NHG, HPG, H)
     n_kc = tl.num_programs(0)
     Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX = _bwd_kv_batch(
         Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, b, sqb, skb, svb, sdob, H, N, M, D)
