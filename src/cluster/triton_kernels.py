@@ -1562,11 +1562,10 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             dpe = _pe_grad_deterministic(dsbuf, pe_idx, mask_b, T, H, acc)
     dpe = dpe.to(pe_table.dtype) if dpe is not None else q.new_empty(0)
     if has_blank:
-        sums = blank_part.sum(1)
-        if blank_k.dtype == blank_v.dtype:
-            dbk, dbv = sums.to(blank_k.dtype).unbind(0)
-        else:
-            dbk, dbv = sums[0].to(blank_k.dtype), sums[1].to(blank_v.dtype)
+        # Two reductions, not one over [2, R, H, D] and unbind: a custom op's returns must not
+        # alias one another (torch.library checks it under torch.compile).
+        dbk = blank_part[0].sum(0).to(blank_k.dtype)
+        dbv = blank_part[1].sum(0).to(blank_v.dtype)
     else:
         dbk, dbv = q.new_empty(0), q.new_empty(0)
     return dq, dk, dv, dpe, dbk, dbv

@@ -496,6 +496,23 @@ def test_broadcast_upstream_grad():
         assert_close(c[n].grad, r[n].grad, 1e-12, f"d{n}")
 
 
+@pytest.mark.parametrize("blank_v_dtype", [torch.float32, torch.float64], ids=["same", "mixed"])
+def test_backward_returns_do_not_alias(blank_v_dtype):
+    # A custom op's returns may not share storage (torch.library rejects it under
+    # torch.compile, which this CPU suite cannot run); the blank gradients come from one
+    # partial-sum buffer, so check it here.
+    c = leaves(make_case(1, 2, 19, 8, 5, seed=20), torch.float32)
+    args = [c[n].detach() if c[n] is not None else None
+            for n in ("q", "k", "v", "member_idx", *KWARGS)]
+    args[-1] = args[-1].to(blank_v_dtype)
+    out, lse = torch.ops.cluster_triton.attn_fwd(*args, 0.3, False)
+    for det in (False, True):
+        grads = torch.ops.cluster_triton.attn_bwd(torch.randn_like(out), *args[:3], out, lse,
+                                                  *args[3:], 0.3, det, True, True)
+        storages = [g.untyped_storage().data_ptr() for g in grads if g.numel()]
+        assert len(storages) == 6 and len(set(storages)) == 6, storages
+
+
 def test_query_cluster_kernel_dispatch(monkeypatch):
     # The query-cluster backward runs where M fills its slot tile (a power of two); 48 pads
     # it and takes the per-query kernel, unless the rule is lifted as the tests do.
