@@ -88,9 +88,9 @@ TUNING_GROUP: dict[tuple[str, int], int] = {
     ("fwd", 4): 0, ("fwd", 2): 1, ("bwd_q", 4): 0, ("bwd_q", 2): 1,
     ("bwd_kv", 4): 0, ("bwd_kv", 2): 2,
 }
-# Heads per tile of the group kernels (1 or 2). A cluster has 8 queries (or keys) where
-# tl.dot wants 16 rows: with 2, the other 8 rows are the same tokens in the next head
-# (block-diagonal tiles, see _attn_fwd_cluster_kernel) instead of padding. Kernel times on
+# Heads per tile of the group kernels (1 or 2). A cluster has 8 queries (or keys), the
+# tile's rows; with 2 heads the next 8 rows are the same tokens in the next head
+# (block-diagonal tiles, see _attn_fwd_cluster_kernel). Kernel times on
 # the H200, bf16 (results/tune-group-*-h200-2026-11-29.log, group-kernels-before-after-*):
 # the key-cluster backward with 2 heads (and 2 map entries per chunk, _KV_GROUP_TILE) takes
 # affmae_stage1 from 0.46 to 0.40 ms and the other AFF shapes 12-27 % down; the forward with
@@ -616,16 +616,14 @@ def _scale(x, scale_hi, scale_lo, ONE_PART: tl.constexpr):
 
 @triton.jit
 def _group_slots(IDX, PEIDX, MASK, pid, N, M, HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr,
-                 GROUP: tl.constexpr, ROWS: tl.constexpr, HEADS: tl.constexpr,
-                 BLOCK_M: tl.constexpr):
+                 GROUP: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr):
     """Slots of the GROUP queries from pid * GROUP, the group's lead key list (its first
     query's), and whether the group shares it: every valid slot of every query names the
-    lead's key in that slot. The tile has ROWS rows (>= 16 for tl.dot): row r is query
-    r % GROUP of the group, in head slot r // GROUP; rows of head slots >= HEADS are
-    padding (q_ok false)."""
-    rows = tl.arange(0, ROWS)
+    lead's key in that slot. The tile has GROUP * HEADS rows: row r is query r % GROUP of
+    the group, in head slot r // GROUP."""
+    rows = tl.arange(0, GROUP * HEADS)
     offs_q = pid * GROUP + rows % GROUP
-    q_ok = (rows < GROUP * HEADS) & (offs_q < N)
+    q_ok = offs_q < N
     row_off = offs_q * M
     idx, pe, ok, _off = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M, HAS_PE, HAS_MASK,
                                    BLOCK_M)
@@ -644,16 +642,17 @@ def _attn_fwd_cluster_kernel(
     spet, speh, sbkh, sbvh,
     H, N, M, D, scale_hi, scale_lo, HPG, NHG,
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BLANK: tl.constexpr,
-    GROUP: tl.constexpr, ROWS: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr,
+    GROUP: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, GEN_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     FTZ: tl.constexpr, ACC: tl.constexpr,
 ):
     """One program per GROUP consecutive queries. AFF gives all tokens of a cluster the
     same key list, so the group's keys and values are gathered once as [BLOCK_M, BLOCK_D]
     tiles and the scores and outputs are tl.dot products, instead of every query gathering
-    its own copies. tl.dot wants >= 16 rows where a group has 8 queries: the tile holds
-    the group's queries in HEADS heads at once (row r: head h + r // GROUP; rows past
-    GROUP * HEADS are padding). The columns are HEADS blocks of BLOCK_D, q is
+    its own copies. The tile holds the group's queries in HEADS heads at once (row r:
+    query r % GROUP in head h + r // GROUP; Triton's tl.dot takes 8 rows on NVIDIA GPUs
+    and pads them to the 16 of mma.sync itself, in registers no elementwise op touches).
+    The columns are HEADS blocks of BLOCK_D, q is
     block-diagonal (row r nonzero in its head's block only) and k, v hold each head's rows
     in its block, so q k^T gives every row its own head's scores and p v its own head's
     output in its block. A group whose queries name different keys falls back to the
@@ -671,8 +670,8 @@ def _attn_fwd_cluster_kernel(
     LSE += b * H * N
     NEG_INF = float("-inf")
     offs_q, q_ok, pe, ok, lead, live, shared = _group_slots(
-        IDX, PEIDX, MASK, pid, N, M, HAS_PE, HAS_MASK, GROUP, ROWS, HEADS, BLOCK_M)
-    hr = tl.arange(0, ROWS) // GROUP  # head slot of each row
+        IDX, PEIDX, MASK, pid, N, M, HAS_PE, HAS_MASK, GROUP, HEADS, BLOCK_M)
+    hr = tl.arange(0, GROUP * HEADS) // GROUP  # head slot of each row
     cols = tl.arange(0, HEADS * BLOCK_D)
     hc = cols // BLOCK_D  # head slot of each column
     dc = cols % BLOCK_D
@@ -729,11 +728,9 @@ def _attn_fwd_cluster_kernel(
                       False, GROUP, GEN_M, BLOCK_D, ACC, FTZ)
 
 
-# Tokens per cluster in AFF, i.e. the queries that share one key list; the group-shared
-# kernels pad them to 16 rows, the smallest tl.dot tile. Key lists whose [BLOCK_M,
-# BLOCK_D] tile would exceed _GROUP_TILE elements take the per-query kernels.
+# Tokens per cluster in AFF, i.e. the queries that share one key list. Key lists whose
+# [BLOCK_M, BLOCK_D] tile would exceed _GROUP_TILE elements take the per-query kernels.
 _GROUP = 8
-_GROUP_ROWS = 16
 _GROUP_TILE = 8192
 
 
@@ -833,7 +830,7 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
             n_blocks = triton.cdiv(N, _GROUP)
             hpg, nhg = _head_groups(n_blocks, B, H, q.device, heads)
             _attn_fwd_cluster_kernel[(n_blocks, B * nhg)](
-                *args, H, N, M, D, hi, lo, hpg, nhg, **flags, GROUP=_GROUP, ROWS=_GROUP_ROWS,
+                *args, H, N, M, D, hi, lo, hpg, nhg, **flags, GROUP=_GROUP,
                 HEADS=heads, BLOCK_M=BM, BLOCK_D=BD, GEN_M=GM, **_dot_flags(q.dtype),
                 FTZ=_ftz(q.dtype), num_warps=warps, maxnreg=_maxnreg("fwd_group", q.dtype),
             )
@@ -1037,14 +1034,13 @@ def _attn_bwd_q_cluster_kernel(
     spet, speh, sbkh, sbvh,
     H, N, M, D, T, R, scale_hi, scale_lo, HPG, NHG, log2_c,
     HAS_PE: tl.constexpr, DPE_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_BLANK: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, GEN_M: tl.constexpr,
+    HAS_BLANK: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, GEN_M: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):
     """Query side by query cluster, one program per GROUP queries: _attn_bwd_q_kernel's
     work, but a group sharing its key list (AFF's layout) gathers the keys and values once
-    and takes the scores, dp = dout v^T and dq += ds k as tl.dot products (ROWS >= 16 rows,
-    the GROUP real ones padded), as _attn_fwd_cluster_kernel does; a group that does not
+    and takes the scores, dp = dout v^T and dq += ds k as tl.dot products of GROUP rows,
+    as _attn_fwd_cluster_kernel does; a group that does not
     share falls back to the per-query path."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -1057,7 +1053,7 @@ def _attn_bwd_q_cluster_kernel(
     dpe_scale = _dpe_step_scale(AMAX_DO, AMAX_V, DPE_SCALE, log2_c, (pid == 0) & (pid_bh == 0),
                                 DPE_MODE)
     offs_q, q_ok, pe, ok, lead, live, shared = _group_slots(
-        IDX, PEIDX, MASK, pid, N, M, HAS_PE, HAS_MASK, GROUP, ROWS, 1, BLOCK_M)
+        IDX, PEIDX, MASK, pid, N, M, HAS_PE, HAS_MASK, GROUP, 1, BLOCK_M)
     if shared:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
@@ -1211,7 +1207,7 @@ def _group_key_kernel(IDX, MASK, GKEY, CNT, BAD, N, M, NKC, HAS_MASK: tl.constex
     IDX += b * N * M
     MASK += b * N * M
     _q, _q_ok, _pe, _ok, lead, live, shared = _group_slots(
-        IDX, IDX, MASK, g, N, M, False, HAS_MASK, GROUP, GROUP, 1, BLOCK_M)
+        IDX, IDX, MASK, g, N, M, False, HAS_MASK, GROUP, 1, BLOCK_M)
     offs_m = tl.arange(0, BLOCK_M)
     t = offs_m % GROUP
     in_range = (lead >= 0) & (lead < N)
@@ -1242,21 +1238,20 @@ def _kv_cluster_tile(
     Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc, h, start, cnt, n_blocks,
     sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh,
     N, M, D, scale_hi, scale_lo,
-    HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
-    HEADS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, FTZ: tl.constexpr, ACC: tl.constexpr,
+    HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    FTZ: tl.constexpr, ACC: tl.constexpr,
 ):
     """dk, dv of key cluster kc in heads h .. h + HEADS - 1 (HEADS = 1 or 2), walking its
-    cnt entries of the group-level map from ``start``. The ROWS (>= 16, tl.dot's minimum)
-    key rows hold the cluster's keys in each head (row r: key r % GROUP in head
-    h + r // GROUP; rows past GROUP * HEADS are padding). Columns are HEADS blocks of
+    cnt entries of the group-level map from ``start``. The GROUP * HEADS key rows hold the
+    cluster's keys in each head (row r: key r % GROUP in head h + r // GROUP). Columns are HEADS blocks of
     BLOCK_D: the query-side tiles (q, dout) hold every head's block, the key-side ones
     (k, v, and the dk, dv kept) only their row's, so each product pairs a row with its own
     head only."""
-    t = tl.arange(0, ROWS) % GROUP
-    hr = tl.arange(0, ROWS) // GROUP  # head slot of each key row
+    t = tl.arange(0, GROUP * HEADS) % GROUP
+    hr = tl.arange(0, GROUP * HEADS) // GROUP  # head slot of each key row
     keys = kc * GROUP + t
-    key_ok = (hr < HEADS) & (keys < N)
+    key_ok = keys < N
     cols = tl.arange(0, HEADS * BLOCK_D)
     hc = cols // BLOCK_D  # head slot of each column
     dc = cols % BLOCK_D
@@ -1265,8 +1260,8 @@ def _kv_cluster_tile(
                  other=0.0)
     vn = tl.load(V + (h + hr)[:, None] * svh + keys[:, None] * svn + dc[None, :], mask=kd_ok,
                  other=0.0)
-    dk = tl.zeros([ROWS, HEADS * BLOCK_D], ACC)
-    dv = tl.zeros([ROWS, HEADS * BLOCK_D], ACC)
+    dk = tl.zeros([GROUP * HEADS, HEADS * BLOCK_D], ACC)
+    dv = tl.zeros([GROUP * HEADS, HEADS * BLOCK_D], ACC)
     # Column c of a chunk: query c % GROUP of the chunk's entry c // GROUP.
     c = tl.arange(0, BLOCK_G * GROUP)
     for e0 in range(0, cnt, BLOCK_G):
@@ -1323,8 +1318,8 @@ def _attn_bwd_kv_cluster_kernel(
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
     spet, speh,
     H, N, M, D, scale_hi, scale_lo, HPG, NHG,
-    HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr,
-    HEADS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, FTZ: tl.constexpr, ACC: tl.constexpr,
 ):
     """Key side by key cluster: one program per GROUP consecutive keys. When every query
@@ -1353,13 +1348,13 @@ def _attn_bwd_kv_cluster_kernel(
             _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc, h,
                              start, cnt, n_blocks, sqh, sqn, skh, skn, svh, svn, sdoh, sdon,
                              spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, GROUP,
-                             ROWS, HEADS, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ, ACC)
+                             HEADS, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ, ACC)
         if HEADS > 1:
             if (h_hi - h_lo) % HEADS != 0:
                 _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc,
                                  h_hi - 1, start, cnt, n_blocks, sqh, sqn, skh, skn, svh, svn,
                                  sdoh, sdon, spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE,
-                                 HAS_MASK, GROUP, ROWS, 1, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ,
+                                 HAS_MASK, GROUP, 1, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ,
                                  ACC)
     else:
         offs_k = kc * GROUP + tl.arange(0, GROUP)
@@ -1493,7 +1488,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                        BLOCK_M=BM, BLOCK_D=BD, ACC=_tl_acc(q.dtype), num_warps=warps)
         if q_group is not None:
             _attn_bwd_q_cluster_kernel[(n_qblocks, B * nhg)](
-                *q_args, **q_flags, GROUP=_GROUP, ROWS=_GROUP_ROWS, GEN_M=GM,
+                *q_args, **q_flags, GROUP=_GROUP, GEN_M=GM,
                 **_dot_flags(q.dtype), maxnreg=_maxnreg("bwd_q_group", q.dtype),
             )
         else:
@@ -1535,7 +1530,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                 _attn_bwd_kv_cluster_kernel[(n_kc, B * kv_nhg)](
                     q, k, v, dout, lse, delta, dk, dv, perm, ptr, gperm, gptr, bad,
                     pe_idx, mask_u8, pe_t, *kv_args, H, N, M, D, hi, lo, kv_hpg, kv_nhg,
-                    HAS_PE=has_pe, HAS_MASK=has_mask, GROUP=_GROUP, ROWS=_GROUP_ROWS,
+                    HAS_PE=has_pe, HAS_MASK=has_mask, GROUP=_GROUP,
                     HEADS=kv_heads, BLOCK_G=BG, BLOCK_E=BE, BLOCK_D=GBD, **_dot_flags(q.dtype),
                     FTZ=_ftz(q.dtype), ACC=_tl_acc(q.dtype), num_warps=gw,
                     maxnreg=_maxnreg("bwd_kv_group", q.dtype),
