@@ -52,6 +52,18 @@ MAX_HEAD_DIM = 256
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = (version.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+# The group kernels' tl.dot operands have a cluster's 8 rows. Triton takes fewer than 16
+# rows on NVIDIA GPUs (and pads mma.sync itself) from 3.5 on; 3.4 and older refuse to
+# compile them.
+MIN_TRITON = (3, 5)
+_TRITON_RELEASE = _release(triton.__version__)
+
 # Elements of one [rows, slots, BLOCK_D] gather tile of the weighted-feature kernels. Sized
 # from ptxas register counts for sm_90 (num_warps=4, strides and D divisible by 16 as the
 # JIT specialises them): 4096 keeps them at or below ~170 registers without spills; float64
@@ -165,6 +177,9 @@ if _INTERPRET:
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     device = torch.device(device)
+    if _TRITON_RELEASE < MIN_TRITON:
+        return (f"the triton backend needs triton >= {MIN_TRITON[0]}.{MIN_TRITON[1]} "
+                f"(installed: {triton.__version__})")
     if dtype not in _DTYPES:
         return f"the triton backend does not support dtype {dtype}"
     if device.type == "cuda":

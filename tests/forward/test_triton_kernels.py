@@ -253,6 +253,18 @@ def test_unavailable_reason():
         assert tk.unavailable_reason(torch.device("cpu"), torch.float32) is None
 
 
+@pytest.mark.parametrize("version,ok", [("3.4.0", False), ("3.5.1", True), ("3.10.0+git1a2b", True),
+                                        ("2.3.1", False), ("3.6.0rc1", True)])
+def test_unavailable_with_old_triton(version, ok, monkeypatch):
+    monkeypatch.setattr(tk, "_TRITON_RELEASE", tk._release(version))
+    monkeypatch.setattr(tk.triton, "__version__", version)
+    why = tk.unavailable_reason(_DEV, torch.float32)
+    if ok:
+        assert why is None
+    else:
+        assert why is not None and "triton >= 3.5" in why and version in why
+
+
 def test_unavailable_without_interpreter():
     code = (
         "import os, torch; os.environ.pop('TRITON_INTERPRET', None)\n"
