@@ -11,14 +11,13 @@ the per-query / per-key kernel. Copy the winners into the tables by hand. Needs 
 
     python benchmarks/tune_group.py [--kind fwd|bwd_q|bwd_kv] [--shapes affmae_stage1,highres]
                                     [--dtypes bf16] [--warps 0,1,2,4] [--maxnreg 0,128,96]
-                                    [--q-full-tile-only 0|1] [--steps 10] [--log FILE]
+                                    [--steps 10] [--log FILE]
 
 --warps limits the sweep to those num_warps (0 = the per-query / per-key kernel);
 --maxnreg sweeps register caps (0 = the compiler's choice) at the table's heads per tile
 and map entries. One warp per program is the usual choice here, and ptxas then gives it
 up to 255 registers, i.e. 8 resident programs (8 warps) per SM: a cap trades spills for
-more programs in flight. --q-full-tile-only 0 lets the query-cluster backward take key lists
-that pad its slot tile (M = 48 in a tile of 64), which GROUP_Q_FULL_TILE_ONLY keeps off.
+more programs in flight.
 """
 
 from __future__ import annotations
@@ -74,9 +73,6 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="bf16")
     p.add_argument("--warps", default=None, help="comma-separated num_warps; 0 = ungrouped")
     p.add_argument("--maxnreg", default=None, help="comma-separated register caps; 0 = none")
-    p.add_argument("--q-full-tile-only", type=int, choices=(0, 1), default=None,
-                   help="set GROUP_Q_FULL_TILE_ONLY for the run (0: the query-cluster "
-                        "backward also takes M that pads its slot tile)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--log", default=None, help="also write the lines to this file")
     opt = p.parse_args(argv)
@@ -92,10 +88,7 @@ def main(argv=None) -> int:
              f"{opt.kind}: GPU ms per fwd+bwd step (fast mode, {opt.steps} profiled steps)"]
     print(lines[0], flush=True)
     saved = (dict(tk.TUNING_GROUP), dict(tk.TUNING_GROUP_HEADS), tk._KV_GROUP_TILE,
-             dict(tk.TUNING_MAXNREG), tk.GROUP_Q_FULL_TILE_ONLY)
-    if opt.q_full_tile_only is not None:
-        tk.GROUP_Q_FULL_TILE_ONLY = bool(opt.q_full_tile_only)
-        lines[0] += f"; GROUP_Q_FULL_TILE_ONLY {tk.GROUP_Q_FULL_TILE_ONLY}"
+             dict(tk.TUNING_MAXNREG))
     try:
         for shape in opt.shapes.split(","):
             B, N, C, H, M = bench.SHAPES[shape]
@@ -134,7 +127,6 @@ def main(argv=None) -> int:
         tk._KV_GROUP_TILE = saved[2]
         tk.TUNING_MAXNREG.clear()
         tk.TUNING_MAXNREG.update(saved[3])
-        tk.GROUP_Q_FULL_TILE_ONLY = saved[4]
     if opt.log:
         Path(opt.log).write_text("\n".join(lines) + "\n")
     return 0

@@ -75,15 +75,13 @@ def require_backend(name: str, device: torch.device, dtype: torch.dtype) -> None
 
 @pytest.fixture
 def group_kernels_on(monkeypatch):
-    """Every group kernel of the triton backend on, in every dtype and for every M:
-    TUNING_GROUP has them off for float32 (and float64, which uses the float32 entries), and
-    the query-cluster backward off where M is not a power of two, on the GPU and in the
+    """Every group kernel of the triton backend on, in every dtype: TUNING_GROUP has them off
+    for float32 (and float64, which uses the float32 entries), on the GPU and in the
     interpreter alike, so the tests of those kernels switch them on here."""
     from cluster import triton_kernels as tk
 
     for key, warps in list(tk.TUNING_GROUP.items()):
         monkeypatch.setitem(tk.TUNING_GROUP, key, warps or 2)
-    monkeypatch.setattr(tk, "GROUP_Q_FULL_TILE_ONLY", False)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ that at run time and then use ``tl.dot``: the group forward and the query-cluste
 backward (one program per 8 keys) walks a group-level reverse map of (query group, slot
 block) pairs, each a dense 8 x 8 block of scores. All fall back to the per-query / per-key
 code for any input that does not have that layout; ``TUNING_GROUP`` (and
-``TUNING_GROUP_HEADS``, ``GROUP_Q_FULL_TILE_ONLY``) say where they are used on the GPU
+``TUNING_GROUP_HEADS``) say where they are used on the GPU
 (16-bit). ``TUNING_MAXNREG`` caps the registers of some kernels (launch options only).
 
 Determinism: the forward, dq and the blank gradients never use atomics, so they are
@@ -93,9 +93,13 @@ TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
 # shared-memory layouts (benchmarks/tune_group.py, results/tune-group-*.log). The key-cluster
 # backward takes the bf16 key side from 0.65 ms (per-key kernel, H100) + 0.19 ms (its map) to
 # 0.46 + 0.05 ms (H200, kernel profiles; the two GPUs ran the other kernels within 4 % of each
-# other), but a float32 step from 2.30 to >= 3.25 ms (results/tune-kv-dot-*.log). The
-# interpreter follows this table too; the group kernels' tests switch them on in float32 /
-# float64 (tests/conftest.py, group_kernels_on).
+# other), but a float32 step from 2.30 to >= 3.25 ms (results/tune-kv-dot-*.log). With tiles
+# of 8 rows (not 16, half padding) the float32 group kernels still lose at affmae_stage1:
+# forward 0.515 -> 0.61 ms, query side 0.73 -> 1.11, key side 0.80 -> 1.28; the 16-bit
+# query-cluster backward now wins at M = 48 too, highres 0.51 -> 0.42 ms
+# (results/tune-group-8rows-h200-2026-11-29.log). The interpreter follows this table too;
+# the group kernels' tests switch them on in float32 / float64 (tests/conftest.py,
+# group_kernels_on).
 TUNING_GROUP: dict[tuple[str, int], int] = {
     ("fwd", 4): 0, ("fwd", 2): 1, ("bwd_q", 4): 0, ("bwd_q", 2): 1,
     ("bwd_kv", 4): 0, ("bwd_kv", 2): 2,
@@ -106,15 +110,9 @@ TUNING_GROUP: dict[tuple[str, int], int] = {
 # the H200, bf16 (results/tune-group-*-h200-2026-11-29.log, group-kernels-before-after-*):
 # the key-cluster backward with 2 heads (and 2 map entries per chunk, _KV_GROUP_TILE) takes
 # affmae_stage1 from 0.46 to 0.40 ms and the other AFF shapes 12-27 % down; the forward with
-# 2 heads doubles its gathered k / v tiles and slows from 0.23 to 0.45 ms (1 warp) or 0.41
-# (2 warps), so it keeps 1.
+# 2 heads doubles its gathered k / v tiles and slows from 0.175 to 0.43 ms (1 warp) or 0.39
+# (2 warps), so it keeps 1 (results/tune-group-8rows-h200-2026-11-29.log).
 TUNING_GROUP_HEADS: dict[str, int] = {"fwd": 1, "bwd_kv": 2}
-# The query-cluster backward beat the per-query kernel on the H200 (bf16, kernel profiles,
-# results/tune-group-bwd_q-*.log) where the key list fills its slot tile, M = 64:
-# affmae_stage1 0.50 -> 0.46 ms, config_3_large 0.123 -> 0.089; and lost where M = 48 pads
-# it to 64: aff_tiny_stage2 0.206 -> 0.227, highres 0.51 -> 0.61 (cause not measured). So it
-# runs only where M is a power of two, unless this is False (the tests' group_kernels_on).
-GROUP_Q_FULL_TILE_ONLY = True
 # Register cap (ptxas .maxnreg) per attention kernel ("fwd", "bwd_q", "bwd_kv", each with
 # "_group" for the group kernel) and value width; absent = the compiler's choice. With
 # one or two warps per program ptxas takes up to 255 registers a thread, which leaves 8
@@ -766,7 +764,7 @@ def _group_blocks(D: int, M: int, dtype: torch.dtype, kind: str = "fwd"):
     """(BLOCK_M, BLOCK_D, heads per tile, fallback slots per chunk, num_warps) of the group
     forward (kind "fwd") or query-cluster backward ("bwd_q"), or None for the per-query
     kernel: key list too long for one tile, the group kernel off in TUNING_GROUP for this
-    dtype, M not a power of two for "bwd_q" (GROUP_Q_FULL_TILE_ONLY), or float64 on a GPU
+    dtype, or float64 on a GPU
     (Triton has no float64 tl.dot there; the interpreter runs it, which is how the suite
     checks the group kernels in float64)."""
     block_m, block_d = max(16, _np2(M)), max(16, _np2(D))
@@ -775,7 +773,7 @@ def _group_blocks(D: int, M: int, dtype: torch.dtype, kind: str = "fwd"):
     if dtype == torch.float64 and not _INTERPRET:
         return None
     warps = TUNING_GROUP[kind, _width(dtype)]
-    if not warps or (kind == "bwd_q" and GROUP_Q_FULL_TILE_ONLY and block_m != M):
+    if not warps:
         return None
     heads = TUNING_GROUP_HEADS.get(kind, 1)
     if block_m * block_d * heads > _GROUP_TILE // (2 if dtype == torch.float64 else 1):

@@ -513,14 +513,14 @@ def test_backward_returns_do_not_alias(blank_v_dtype):
         assert len(storages) == 6 and len(set(storages)) == 6, storages
 
 
-def test_query_cluster_kernel_dispatch(monkeypatch):
-    # The query-cluster backward runs where M fills its slot tile (a power of two); 48 pads
-    # it and takes the per-query kernel, unless the rule is lifted as the tests do.
-    assert tk._group_blocks(32, 64, torch.bfloat16, "bwd_q") is not None
-    assert tk._group_blocks(32, 48, torch.bfloat16, "bwd_q") is None
-    assert tk._group_blocks(32, 48, torch.bfloat16, "fwd") is not None
-    monkeypatch.setattr(tk, "GROUP_Q_FULL_TILE_ONLY", False)
-    assert tk._group_blocks(32, 48, torch.bfloat16, "bwd_q") is not None
+def test_query_cluster_kernel_dispatch():
+    # 16-bit: the group kernels, M = 48 (a slot tile of 64) included; float32 and a tile
+    # too large for one program: the per-query kernels.
+    for kind in ("fwd", "bwd_q"):
+        assert tk._group_blocks(32, 64, torch.bfloat16, kind)[:3] == (64, 32, 1)
+        assert tk._group_blocks(32, 48, torch.bfloat16, kind)[:2] == (64, 32)
+        assert tk._group_blocks(32, 48, torch.float32, kind) is None
+        assert tk._group_blocks(128, 128, torch.bfloat16, kind) is None
 
 
 @pytest.mark.parametrize("group", [False, True], ids=["per_row", "group"])
