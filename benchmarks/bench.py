@@ -12,7 +12,9 @@ the mask as bool, which is what the kernels read.
 Per case: median time (triton.testing.do_bench, else CUDA events), the case's memory floor
 (the bytes a kernel must move at least, over the device-to-device copy bandwidth measured in
 the same run), achieved GB/s over those bytes, the ratio time / floor, and the peak memory
-of one step above the inputs. The fp32 forward of each backend is compared with a float64
+of one step above the inputs; on a GPU also the GPU time of one step (the kernels' device
+times summed under torch.profiler over a few steps) and its ratio to the floor, which do not
+depend on how fast the host issues launches. The fp32 forward of each backend is compared with a float64
 reference (max abs error). Forward is timed under torch.no_grad(); forward+backward includes
 the backward of a fixed random dO into q, k, v, pe_table, blank_k and blank_v.
 
@@ -332,11 +334,15 @@ def measure(ctx, name: str, attn, x: Inputs, mode: str, rec: dict, keep: bool):
             ms, reps = time_gpu(step, grads, (time.perf_counter() - t0) * 1e3, opt)
             rec["sm_clock_mhz"] = sm_clock_mhz(device)
             rec["peak_mib"] = peak_mib(step, grads, device)
+            if opt.gpu_time:
+                rec["gpu_ms"] = gpu_ms(step, grads, device)
         else:
             ms, reps = time_cpu(step, grads, opt.smoke_reps, device)
         floor_s = rec["floor_bytes"] / ctx["bandwidth"]
         rec.update(status="ok", time_ms=ms, reps=reps, floor_ms=floor_s * 1e3,
                    gbps=rec["floor_bytes"] / (ms * 1e-3) / 1e9, x_floor=ms / (floor_s * 1e3))
+        if rec["gpu_ms"] is not None:
+            rec["gpu_x_floor"] = rec["gpu_ms"] / (floor_s * 1e3)
     except Exception as exc:
         if is_oom(exc):
             rec.update(status="oom", reason=str(exc).splitlines()[0][:300])
@@ -347,6 +353,32 @@ def measure(ctx, name: str, attn, x: Inputs, mode: str, rec: dict, keep: bool):
         set_grads_none(grads)
         free_memory(device)
     return result
+
+
+GPU_TIME_STEPS = 10
+
+
+def gpu_ms(step, grads, device) -> float | None:
+    """GPU time of one step: every kernel's (and memset's / copy's) device time, summed
+    over GPU_TIME_STEPS profiled steps and divided by them. With only CUDA activities
+    recorded no CPU-side op is counted beside its kernels. None (with a log line) where
+    the profiler fails: the case keeps its other figures."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(GPU_TIME_STEPS):
+                set_grads_none(grads)
+                step()
+            sync(device)
+        total_us = 0.0
+        for ev in prof.key_averages():
+            us = getattr(ev, "device_time_total", None)
+            total_us += ev.cuda_time_total if us is None else us
+        return total_us / 1e3 / GPU_TIME_STEPS if total_us > 0 else None
+    except Exception as exc:
+        log(f"    GPU time not measured: {type(exc).__name__}: {str(exc)[:200]}")
+        return None
 
 
 def sm_clock_mhz(device: torch.device) -> int | None:
@@ -384,8 +416,11 @@ def progress(rec: dict) -> None:
     err = f"  err {err:.1e}" if isinstance(err, float) else ""
     check = f"  check {rec['smoke_check']}" if "smoke_check" in rec else ""
     clock = f", SM {rec['sm_clock_mhz']} MHz" if rec.get("sm_clock_mhz") else ""
+    gpu = (f"  GPU {rec['gpu_ms']:.3f} ms x{rec['gpu_x_floor']:.2f}"
+           if rec.get("gpu_ms") is not None else "")
     log(f"{head} {rec['time_ms']:9.3f} ms  {rec['gbps']:7.1f} GB/s  x{rec['x_floor']:5.2f} floor"
-        f"  ({rec['reps']} reps, first call {rec['first_call_s']:.2f} s{clock}){peak}{err}{check}")
+        f"  ({rec['reps']} reps, first call {rec['first_call_s']:.2f} s{clock}){gpu}{peak}{err}"
+        f"{check}")
 
 
 # ------------------------------------------------------------------------------ float64 reference
@@ -428,7 +463,7 @@ def base_record(kind, shape, dims, backend, dtype_name, mode) -> dict:
     return {"kind": kind, "shape": shape, "B": B, "N": N, "C": C, "H": H, "M": M, "D": C // H,
             "backend": backend, "dtype": dtype_name, "mode": mode, "status": None, "reason": None,
             "time_ms": None, "reps": None, "floor_ms": None, "gbps": None, "x_floor": None,
-            "peak_mib": None, "first_call_s": None,
+            "peak_mib": None, "first_call_s": None, "gpu_ms": None, "gpu_x_floor": None,
             "floor_bytes": floor_bytes(dims, DTYPES[dtype_name], mode)}
 
 
@@ -575,6 +610,12 @@ def _cell(rec, key, fmt) -> str:
     return format(val, fmt) if isinstance(val, (int, float)) else (val or "–")
 
 
+def _gpu_cell(rec) -> str:
+    if rec is None or rec["status"] != "ok" or rec.get("gpu_ms") is None:
+        return "–"
+    return f"{rec['gpu_ms']:.3f} ({rec['gpu_x_floor']:.2f})"
+
+
 def to_markdown(meta: dict, records: list[dict]) -> str:
     lines = [f"# Cluster attention benchmark — {meta['device']}", "",
              f"{meta['date']} · torch {meta['torch']} · triton {meta['triton']} · CUDA {meta['cuda']} · "
@@ -583,6 +624,8 @@ def to_markdown(meta: dict, records: list[dict]) -> str:
              f"Copy bandwidth (device-to-device, read + write): **{meta['copy_bandwidth_gbps']:.0f} GB/s**. "
              "Floor = bytes of q, k, v, out (+ dO, dq, dk, dv for fwd+bwd) and of member_idx, pe_idx "
              "(int32), mask (1 B) at that bandwidth; GB/s = those bytes / time; x floor = time / floor. "
+             "GPU = the kernels' device time per step (torch.profiler), and its x floor: the step "
+             "without the host's time to issue it. "
              "Peak = memory allocated during one step above the inputs. err = max abs error of the "
              "fp32 forward against float64.", ""]
     index = {(r["shape"], r["backend"], r["dtype"], r["mode"]): r for r in records}
@@ -591,15 +634,17 @@ def to_markdown(meta: dict, records: list[dict]) -> str:
         rows = [r for r in records if r["shape"] == shape]
         r0 = rows[0]
         lines += [f"## {shape} (B={r0['B']}, N={r0['N']}, C={r0['C']}, H={r0['H']}, M={r0['M']}, D={r0['D']})", "",
-                  "| backend | dtype | fwd ms | fwd GB/s | fwd x floor | fwd+bwd ms | fwd+bwd GB/s | "
-                  "fwd+bwd x floor | peak MiB (fwd+bwd) | fp32 err |", "|---|---|" + "---:|" * 8]
+                  "| backend | dtype | fwd ms | fwd GB/s | fwd x floor | fwd GPU ms (x floor) | fwd+bwd ms | "
+                  "fwd+bwd GB/s | fwd+bwd x floor | fwd+bwd GPU ms (x floor) | peak MiB (fwd+bwd) | "
+                  "fp32 err |", "|---|---|" + "---:|" * 10]
         for backend, dtype in dict.fromkeys((r["backend"], r["dtype"]) for r in rows):
             f, b = index.get((shape, backend, dtype, "fwd")), index.get((shape, backend, dtype, "fwd+bwd"))
             err = f.get("max_abs_err_vs_fp64") if f else None
             err = f"{err:.1e}" if isinstance(err, float) else ("skipped" if err else "–")
             lines.append(f"| {backend} | {dtype} | {_cell(f, 'time_ms', '.3f')} | {_cell(f, 'gbps', '.0f')} | "
-                         f"{_cell(f, 'x_floor', '.2f')} | {_cell(b, 'time_ms', '.3f')} | {_cell(b, 'gbps', '.0f')} | "
-                         f"{_cell(b, 'x_floor', '.2f')} | {_cell(b, 'peak_mib', '.0f')} | {err} |")
+                         f"{_cell(f, 'x_floor', '.2f')} | {_gpu_cell(f)} | {_cell(b, 'time_ms', '.3f')} | "
+                         f"{_cell(b, 'gbps', '.0f')} | {_cell(b, 'x_floor', '.2f')} | {_gpu_cell(b)} | "
+                         f"{_cell(b, 'peak_mib', '.0f')} | {err} |")
         lines += [""] + notes(rows) + [""]
     sweep = [r for r in records if r["kind"] == "sweep"]
     if sweep:
@@ -701,6 +746,8 @@ def parse_args(argv=None):
     p.add_argument("--ref-budget-gb", type=float, default=8.0,
                    help="memory budget of the float64 reference (run in batch chunks); over it the error "
                         "is recorded as skipped (default %(default)s)")
+    p.add_argument("--no-gpu-time", dest="gpu_time", action="store_false",
+                   help="skip the profiled GPU time of each case (GPU only)")
     p.add_argument("--no-errors", dest="errors", action="store_false",
                    help="skip the fp32-vs-float64 error measurement")
     p.add_argument("--check-indices", action="store_true",
