@@ -1,0 +1,54 @@
+"""The benchmark's report formatting, on synthetic records: the GPU-time cells and log
+fields are filled only on a GPU, which the CPU smoke never reaches."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench  # noqa: E402
+
+META = {"device": "Test GPU", "date": "2026-11-29T00:00:00+00:00", "torch": "2.x", "triton": "3.x",
+        "cuda": "13.0", "python": "3.11", "git_commit": "0123456789abcdef", "git_dirty": False,
+        "copy_bandwidth_gbps": 4000.0}
+
+
+def _records(gpu_ms):
+    dims = bench.SHAPES["affmae_stage1"]
+    recs = []
+    for mode in bench.MODES:
+        rec = bench.base_record("shape", "affmae_stage1", dims, "triton", "bfloat16", mode)
+        floor_ms = rec["floor_bytes"] / 4e12 * 1e3
+        rec.update(status="ok", time_ms=1.5, reps=50, floor_ms=floor_ms, gbps=1.0,
+                   x_floor=1.5 / floor_ms, first_call_s=0.1)
+        if gpu_ms is not None:
+            rec.update(gpu_ms=gpu_ms, gpu_x_floor=gpu_ms / floor_ms)
+        recs.append(rec)
+    return recs
+
+
+def test_markdown_has_gpu_time_and_its_floor_ratio():
+    recs = _records(0.5)
+    table = bench.to_markdown(META, recs)
+    header = next(line for line in table.splitlines() if line.startswith("| backend"))
+    row = next(line for line in table.splitlines() if line.startswith("| triton |"))
+    assert "fwd GPU ms (x floor)" in header and "fwd+bwd GPU ms (x floor)" in header
+    assert header.count("|") == row.count("|")
+    ratio = recs[0]["gpu_x_floor"]
+    assert f"0.500 ({ratio:.2f})" in row
+
+
+def test_markdown_and_log_without_gpu_time(capsys):
+    recs = _records(None)
+    lines = bench.to_markdown(META, recs).splitlines()
+    header = [c.strip() for c in next(x for x in lines if x.startswith("| backend")).split("|")]
+    row = [c.strip() for c in next(x for x in lines if x.startswith("| triton |")).split("|")]
+    for col in ("fwd GPU ms (x floor)", "fwd+bwd GPU ms (x floor)"):
+        assert row[header.index(col)] == "–"
+    assert row[header.index("fwd+bwd ms")] == "1.500"
+    bench.progress(recs[0])
+    assert "GPU" not in capsys.readouterr().out
+    gpu = _records(0.25)[1]
+    bench.progress(gpu)
+    assert f"GPU 0.250 ms x{gpu['gpu_x_floor']:.2f}" in capsys.readouterr().out
