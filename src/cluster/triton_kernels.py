@@ -1257,10 +1257,10 @@ def _kv_cluster_tile(
 ):
     """dk, dv of key cluster kc in heads h .. h + HEADS - 1 (HEADS = 1 or 2), walking its
     cnt entries of the group-level map from ``start``. The GROUP * HEADS key rows hold the
-    cluster's keys in each head (row r: key r % GROUP in head h + r // GROUP). Columns are HEADS blocks of
-    BLOCK_D: the query-side tiles (q, dout) hold every head's block, the key-side ones
-    (k, v, and the dk, dv kept) only their row's, so each product pairs a row with its own
-    head only."""
+    cluster's keys in each head (row r: key r % GROUP in head h + r // GROUP). Columns are
+    HEADS blocks of BLOCK_D: the query-side tiles (q, dout) hold every head's block, the
+    key-side ones (k, v, and the dk, dv kept) only their row's, so each product pairs a row
+    with its own head only."""
     t = tl.arange(0, GROUP * HEADS) % GROUP
     hr = tl.arange(0, GROUP * HEADS) // GROUP  # head slot of each key row
     keys = kc * GROUP + t
@@ -1480,7 +1480,8 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                 dpe_scale = torch.empty(1, dtype=torch.float32, device=dev)
                 log2_c = math.log2(4.0 * D * B * H * N)
     if has_blank:
-        # The blank's two partial sums in one buffer: one reduction for both at the end.
+        # The blank's two partial sums, in one buffer but reduced separately at the end
+        # (see there): the single buffer saves nothing now.
         blank_part = torch.empty((2, B * n_qblocks, H, D), dtype=acc, device=dev)
         dbk_part, dbv_part = blank_part[0], blank_part[1]
     else:
