@@ -593,7 +593,19 @@ def metadata(device: torch.device, bandwidth: float, opt) -> dict:
     return {"device": name, "torch": torch.__version__, "triton": triton_v,
             "cuda": torch.version.cuda, "python": platform.python_version(), "git_commit": commit,
             "git_dirty": dirty, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "copy_bandwidth_gbps": bandwidth / 1e9, "args": {k: v for k, v in vars(opt).items()}}
+            "copy_bandwidth_gbps": bandwidth / 1e9, "cpu_affinity": _affinity(),
+            "args": {k: v for k, v in vars(opt).items()}}
+
+
+def _affinity() -> str:
+    """The CPU cores the process may run on, e.g. "3" or "0-15"."""
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return "unknown"
+    if cores == list(range(cores[0], cores[-1] + 1)) and len(cores) > 1:
+        return f"{cores[0]}-{cores[-1]}"
+    return ",".join(map(str, cores))
 
 
 def device_slug(name: str) -> str:
@@ -620,7 +632,9 @@ def to_markdown(meta: dict, records: list[dict]) -> str:
     lines = [f"# Cluster attention benchmark — {meta['device']}", "",
              f"{meta['date']} · torch {meta['torch']} · triton {meta['triton']} · CUDA {meta['cuda']} · "
              f"python {meta['python']} · commit `{meta['git_commit'][:12]}`"
-             f"{' (dirty)' if meta.get('git_dirty') else ''}", "",
+             f"{' (dirty)' if meta.get('git_dirty') else ''} · host CPU cores "
+             f"{meta.get('cpu_affinity', 'unknown')}"
+             f"{' (pinned: --pin-cpu)' if meta.get('args', {}).get('pin_cpu') is not None else ''}", "",
              f"Copy bandwidth (device-to-device, read + write): **{meta['copy_bandwidth_gbps']:.0f} GB/s**. "
              "Floor = bytes of q, k, v, out (+ dO, dq, dk, dv for fwd+bwd) and of member_idx, pe_idx "
              "(int32), mask (1 B) at that bandwidth; GB/s = those bytes / time; x floor = time / floor. "
@@ -753,6 +767,10 @@ def parse_args(argv=None):
     p.add_argument("--check-indices", action="store_true",
                    help="let cluster.ops range-check the indices on every call (a device sync and two "
                         "reductions over B*N*M; off by default so the kernels are timed)")
+    p.add_argument("--pin-cpu", type=int, default=None, metavar="CORE",
+                   help="run the whole process (the autograd engine's threads included) on this one CPU "
+                        "core: the eager small shapes are host-bound, and a process that migrates between "
+                        "cores issues the step up to 2x slower on a many-core host (recorded in the results)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true",
                    help=f"one tiny fp32 case {SMOKE_SHAPE[1]} per backend, checked against float64; "
@@ -795,11 +813,14 @@ def main(argv=None) -> int:
         # The Triton kernels choose interpreter or compiler when they are decorated, i.e. at
         # import, so this must precede the first import of cluster.triton_kernels.
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    if opt.pin_cpu is not None:
+        # Before any CUDA work: threads started later (the autograd engine's) inherit it.
+        os.sched_setaffinity(0, {opt.pin_cpu})
     t_start = time.perf_counter()
     bandwidth = copy_bandwidth(device, opt)
     meta = metadata(device, bandwidth, opt)
     log(f"device {meta['device']} · torch {meta['torch']} · triton {meta['triton']} · "
-        f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+        f"copy bandwidth {bandwidth / 1e9:.0f} GB/s · CPU cores {meta['cpu_affinity']}")
 
     out_dir = Path(opt.out) if opt.out else (Path(tempfile.mkdtemp(prefix="cluster-bench-smoke-"))
                                                if opt.smoke else REPO / "benchmarks" / "results")

@@ -320,14 +320,26 @@ def test_key_cluster_gradcheck_fp64(deterministic):
     assert gradcheck_triton(case, deterministic)
 
 
-def test_group_key_map_lists_and_flags():
+@pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "counted"])
+def test_group_key_map_lists_and_flags(deterministic):
+    # The deterministic mode's map lists each cluster's pairs in order (a stable sort); the
+    # fast mode's (a counting sort) the same pairs in any order.
     B, N, M = 2, 37, 24
     g = torch.Generator().manual_seed(28)
     idx, valid = testing.clustered_member_idx(B, N, M, group=8, generator=g)
     idx, valid = idx.to(_DEV), valid.to(_DEV)
     live = valid.clone()
     live[0, 16:24, 8:16] = False  # block 1 of group 2 unused in batch 0: no entry
-    gperm, gptr, bad, any_bad = tk._group_reverse_map(idx, live.view(torch.uint8), N)
+
+    def group_map(member_idx, mask):
+        return tk._group_reverse_map(member_idx, None if mask is None else mask.view(torch.uint8),
+                                     N, deterministic)
+
+    def listed(gperm, gptr, b, c):
+        got = gperm[b, int(gptr[b, c]):int(gptr[b, c + 1])].tolist()
+        return got if deterministic else sorted(got)
+
+    gperm, gptr, bad, any_bad = group_map(idx, live)
     assert bad.tolist() == [0, 0] and any_bad.tolist() == [0]
     n_groups, J = 5, 3
     for b in range(B):
@@ -336,31 +348,32 @@ def test_group_key_map_lists_and_flags():
             for j in range(J):
                 if live[b, gi * 8:(gi + 1) * 8, j * 8:(j + 1) * 8].any():
                     want[int(idx[b, gi * 8, j * 8]) // 8].append(gi * J + j)
-        got = [gperm[b, int(gptr[b, c]):int(gptr[b, c + 1])].tolist() for c in range(n_groups)]
+        got = [listed(gperm, gptr, b, c) for c in range(n_groups)]
         assert got == want
+        assert int(gptr[b, 0]) == 0 and int(gptr[b, -1]) == sum(map(len, want))
     # Two slot blocks of one group naming the same key cluster: both entries, in order.
     dup = idx.clone()
     dup[1, 8:16, 8:16] = dup[1, 8:16, 0:8]
-    gperm, gptr, bad, _any = tk._group_reverse_map(dup, valid.view(torch.uint8), N)
+    gperm, gptr, bad, _any = group_map(dup, valid)
     c = int(dup[1, 8, 0]) // 8
-    got = gperm[1, int(gptr[1, c]):int(gptr[1, c + 1])].tolist()
+    got = listed(gperm, gptr, 1, c)
     assert bad.tolist() == [0, 0] and got.count(3) == 1 and got.count(4) == 1, got
     assert int(gptr[1, -1]) == n_groups * J
     # A group whose queries differ, a block out of cluster order, an index out of range:
     # each flags its batch (and only it); masked slots may hold anything. Without the
     # padding mask the short last cluster's slots (all naming N - 1) are out of order.
-    assert [f.tolist() for f in tk._group_reverse_map(idx, None, N)[2:]] == [[1, 1], [1]]
+    assert [f.tolist() for f in group_map(idx, None)[2:]] == [[1, 1], [1]]
     cases = {"stray": (0, 9, 2, lambda x: (x + 8) % N), "order": (0, 0, 1, lambda x: x ^ 1),
              "range": (0, 0, 5, lambda x: x + 10 * N)}
     for why, (b, q, s, f) in cases.items():
         broken = idx.clone()
         rows = slice(q, q + 1) if why == "stray" else slice(q, q + 8)
         broken[b, rows, s] = f(broken[b, rows, s])
-        flags = tk._group_reverse_map(broken, valid.view(torch.uint8), N)[2:]
+        flags = group_map(broken, valid)[2:]
         assert [f.tolist() for f in flags] == [[1, 0], [1]], why
         hidden = valid.clone()
         hidden[b, rows, s] = False
-        flags = tk._group_reverse_map(broken, hidden.view(torch.uint8), N)[2:]
+        flags = group_map(broken, hidden)[2:]
         assert [f.tolist() for f in flags] == [[0, 0], [0]], why
 
 
