@@ -1530,9 +1530,8 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             dpe_scale = torch.empty(1, dtype=torch.float32, device=dev)
             log2_c = math.log2(4.0 * D * B * H * N)
     if has_blank:
-        # The blank's two partial sums in one buffer: one reduction at the end.
-        blank_part = torch.empty((2, B * n_qblocks, H, D), dtype=acc, device=dev)
-        dbk_part, dbv_part = blank_part[0], blank_part[1]
+        dbk_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
+        dbv_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
     else:
         dbk_part = dbv_part = delta
     with _device_guard(q):
@@ -1620,12 +1619,11 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             dpe = _pe_grad_deterministic(dsbuf, pe_idx, mask_b, T, H, acc)
     dpe = dpe.to(pe_table.dtype) if dpe is not None else q.new_empty(0)
     if has_blank:
-        # dbk and dbv share a storage here: _attn_bwd_op separates them.
-        db = blank_part.sum(1)
-        if blank_k.dtype == blank_v.dtype:
-            dbk, dbv = db.to(blank_k.dtype).unbind(0)
-        else:
-            dbk, dbv = db[0].to(blank_k.dtype), db[1].to(blank_v.dtype)
+        # Two reductions, not one over [2, R, H, D]: summing over its middle axis took ~20 MiB
+        # of temporary memory at affmae_stage1 (the step's peak), and a custom op's returns
+        # must not alias one another (torch.library checks it under torch.compile).
+        dbk = dbk_part.sum(0).to(blank_k.dtype)
+        dbv = dbv_part.sum(0).to(blank_v.dtype)
     else:
         dbk, dbv = q.new_empty(0), q.new_empty(0)
     return dq, dk, dv, dpe, dbk, dbv
@@ -1826,14 +1824,8 @@ def _attn_bwd_op(
     blank_k: Tensor | None, blank_v: Tensor | None, scale: float, deterministic: bool,
     compute_kv: bool, compute_pe: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask,
-                           blank_k, blank_v, scale, deterministic, compute_kv, compute_pe)
-    dq, dk, dv, dpe, dbk, dbv = grads
-    # A custom op's returns may not alias one another (torch.library checks it under
-    # torch.compile); the eager path keeps the shared storage and saves the copy.
-    if dbv.numel() and dbv.untyped_storage().data_ptr() == dbk.untyped_storage().data_ptr():
-        dbv = dbv.clone()
-    return dq, dk, dv, dpe, dbk, dbv
+    return _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask,
+                          blank_k, blank_v, scale, deterministic, compute_kv, compute_pe)
 
 
 @_attn_bwd_op.register_fake
