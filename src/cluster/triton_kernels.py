@@ -21,9 +21,10 @@ gradient is summed with float atomics, and the token-level reverse neighbour map
 queries name each key, walked by the per-key kernel) is built by an atomic counting sort,
 so dk / dv add the same terms in a run-dependent order. ``deterministic=True`` sums the
 table gradient in int64 fixed point (integer atomics: exact, so any order gives the same
-bits; float64 sorts and sums segments in a fixed order instead) and builds the token-level
-map with a stable sort, skipped (one device sync) when every batch takes the group-level
-map, which is stable-sorted in both modes.
+bits; float64 sorts and sums segments in a fixed order instead) and builds both reverse
+maps with a stable sort; the token-level one is skipped (one device sync, at the end of the
+backward) when every batch takes the group-level map. The fast mode builds the group-level
+map by a counting sort too.
 
 The kernels read ``TRITON_INTERPRET`` when they are decorated, i.e. at import: set it
 before importing this module to run them on the CPU interpreter.
@@ -1375,6 +1376,7 @@ def _attn_bwd_kv_cluster_kernel(
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, FTZ: tl.constexpr, ACC: tl.constexpr,
+    PASS: tl.constexpr,
 ):
     """Key side by key cluster: one program per GROUP consecutive keys. When every query
     group of the batch shares its list and names whole key clusters (AFF's layout, checked
@@ -1384,7 +1386,10 @@ def _attn_bwd_kv_cluster_kernel(
     scores K Q^T and dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q, all tl.dot. Every
     query row is read once per key cluster, where the per-key walk reads it once per key.
     The program's heads go HEADS at a time through one tile (_kv_cluster_tile), an odd
-    last one alone. Otherwise the program walks the token-level map."""
+    last one alone. Otherwise the program walks the token-level map.
+    PASS 0 does both kinds of batch, 1 only those that take the group-level map, 2 only the
+    others (the deterministic mode launches 2 only when some batch needs it, see
+    _attn_backward)."""
     kc = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h_lo, h_hi = _batch_heads(pid_bh, NHG, HPG, H)
@@ -1392,31 +1397,34 @@ def _attn_bwd_kv_cluster_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX = _bwd_kv_batch(
         Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, b, sqb, skb, svb, sdob, H, N, M, D)
     MASK += b * N * M
-    if tl.load(BAD + b) == 0:
-        n_blocks = M // GROUP
-        GPTR += b * (n_kc + 1)
-        GPERM += b * tl.cdiv(N, GROUP) * n_blocks
-        start = tl.load(GPTR + kc)
-        cnt = tl.load(GPTR + kc + 1) - start
-        for h in range(h_lo, h_hi - (HEADS - 1), HEADS):
-            _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc, h,
-                             start, cnt, n_blocks, sqh, sqn, skh, skn, svh, svn, sdoh, sdon,
-                             spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, GROUP,
-                             HEADS, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ, ACC)
-        if HEADS > 1:
-            if (h_hi - h_lo) % HEADS != 0:
-                _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc,
-                                 h_hi - 1, start, cnt, n_blocks, sqh, sqn, skh, skn, svh, svn,
-                                 sdoh, sdon, spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE,
-                                 HAS_MASK, GROUP, 1, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ,
-                                 ACC)
-    else:
-        offs_k = kc * GROUP + tl.arange(0, GROUP)
-        k_ok = offs_k < N
-        for h in range(h_lo, h_hi):
-            _bwd_kv_rows(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k,
-                         k_ok, sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh, N, M, D,
-                         scale_hi, scale_lo, HAS_PE, GROUP, BLOCK_E, BLOCK_D, ACC, FTZ)
+    bad = tl.load(BAD + b)
+    if PASS != 2:
+        if bad == 0:
+            n_blocks = M // GROUP
+            GPTR += b * (n_kc + 1)
+            GPERM += b * tl.cdiv(N, GROUP) * n_blocks
+            start = tl.load(GPTR + kc)
+            cnt = tl.load(GPTR + kc + 1) - start
+            for h in range(h_lo, h_hi - (HEADS - 1), HEADS):
+                _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc, h,
+                                 start, cnt, n_blocks, sqh, sqn, skh, skn, svh, svn, sdoh, sdon,
+                                 spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, GROUP,
+                                 HEADS, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ, ACC)
+            if HEADS > 1:
+                if (h_hi - h_lo) % HEADS != 0:
+                    _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc,
+                                     h_hi - 1, start, cnt, n_blocks, sqh, sqn, skh, skn, svh, svn,
+                                     sdoh, sdon, spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE,
+                                     HAS_MASK, GROUP, 1, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ,
+                                     ACC)
+    if PASS != 1:
+        if bad != 0:
+            offs_k = kc * GROUP + tl.arange(0, GROUP)
+            k_ok = offs_k < N
+            for h in range(h_lo, h_hi):
+                _bwd_kv_rows(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k,
+                             k_ok, sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh, N, M, D,
+                             scale_hi, scale_lo, HAS_PE, GROUP, BLOCK_E, BLOCK_D, ACC, FTZ)
 
 
 @triton.jit
@@ -1559,25 +1567,11 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                 maxnreg=_maxnreg("bwd_q", q.dtype),
             )
 
+        later = None
         if compute_kv:
             dk = torch.empty((B, H, N, D), dtype=k.dtype, device=dev)
             dv = torch.empty((B, H, N, D), dtype=v.dtype, device=dev)
             masks = mask_u8 if has_mask else None
-            bad = None
-            if kv_group is not None:
-                gperm, gptr, bad, any_bad = _group_reverse_map(idx, masks, N, deterministic,
-                                                               zeroed[1])
-            if not deterministic:
-                # Batches flagged good get empty lists; no sync (on a GPU-bound step a
-                # sync here would leave the GPU idle while the host launches the rest).
-                perm, ptr = _reverse_map_counting(idx, masks, N, need=bad, count=zeroed[2])
-            elif bad is None or bool(any_bad):
-                perm, ptr = _reverse_map(idx, mask_b, N)
-            else:
-                # One device sync spares the stable sort of all B*N*M slots (the
-                # deterministic mode's largest extra cost) when every batch takes the
-                # group-level map; the kernel never reads the token-level map then.
-                perm, ptr = gptr, gptr
             kv_args = (
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -1586,18 +1580,44 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             )
             BK_, BE, KBD, kv_warps = _attn_blocks(D, M, q.dtype, "bwd_kv")
             if kv_group is not None:
+                gperm, gptr, bad, any_bad = _group_reverse_map(idx, masks, N, deterministic,
+                                                               zeroed[1])
                 BG, GBD, kv_heads, gw = kv_group
                 n_kc = triton.cdiv(N, _GROUP)
                 kv_hpg, kv_nhg = _head_groups(n_kc, B, H, dev, kv_heads)
-                _attn_bwd_kv_cluster_kernel[(n_kc, B * kv_nhg)](
-                    q, k, v, dout, lse, delta, dk, dv, perm, ptr, gperm, gptr, bad,
-                    pe_idx, mask_u8, pe_t, *kv_args, H, N, M, D, hi, lo, kv_hpg, kv_nhg,
-                    HAS_PE=has_pe, HAS_MASK=has_mask, GROUP=_GROUP,
-                    HEADS=kv_heads, BLOCK_G=BG, BLOCK_E=BE, BLOCK_D=GBD, **_dot_flags(q.dtype),
-                    FTZ=_ftz(q.dtype), ACC=_tl_acc(q.dtype), num_warps=gw,
-                    maxnreg=_maxnreg("bwd_kv_group", q.dtype),
-                )
+
+                def key_clusters(perm, ptr, kv_pass):
+                    _attn_bwd_kv_cluster_kernel[(n_kc, B * kv_nhg)](
+                        q, k, v, dout, lse, delta, dk, dv, perm, ptr, gperm, gptr, bad,
+                        pe_idx, mask_u8, pe_t, *kv_args, H, N, M, D, hi, lo, kv_hpg, kv_nhg,
+                        HAS_PE=has_pe, HAS_MASK=has_mask, GROUP=_GROUP,
+                        HEADS=kv_heads, BLOCK_G=BG, BLOCK_E=BE, BLOCK_D=GBD,
+                        **_dot_flags(q.dtype), FTZ=_ftz(q.dtype), ACC=_tl_acc(q.dtype),
+                        PASS=kv_pass, num_warps=gw, maxnreg=_maxnreg("bwd_kv_group", q.dtype),
+                    )
+
+                if not deterministic:
+                    # Batches flagged good get empty lists; no sync (on a GPU-bound step a
+                    # sync here would leave the GPU idle while the host launches the rest).
+                    perm, ptr = _reverse_map_counting(idx, masks, N, need=bad, count=zeroed[2])
+                    key_clusters(perm, ptr, 0)
+                else:
+                    # The batches that take the group-level map now; the others (none, on
+                    # AFF's inputs) after the rest of the backward is issued, behind one
+                    # device sync that tells whether any batch needs the token-level map:
+                    # its stable sort of all B*N*M slots would be the deterministic mode's
+                    # largest extra cost, and a sync before this launch left the GPU idle
+                    # while the host issued it.
+                    key_clusters(gptr, gptr, 1)
+
+                    def later():
+                        if bool(any_bad):
+                            key_clusters(*_reverse_map(idx, mask_b, N), 2)
             else:
+                if deterministic:
+                    perm, ptr = _reverse_map(idx, mask_b, N)
+                else:
+                    perm, ptr = _reverse_map_counting(idx, masks, N, count=zeroed[2])
                 kv_hpg, kv_nhg = _head_groups(triton.cdiv(N, BK_), B, H, dev)
                 _attn_bwd_kv_kernel[(triton.cdiv(N, BK_), B * kv_nhg)](
                     q, k, v, dout, lse, delta, dk, dv, perm, ptr, pe_idx, pe_t, *kv_args,
@@ -1626,6 +1646,9 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         dbv = dbv_part.sum(0).to(blank_v.dtype)
     else:
         dbk, dbv = q.new_empty(0), q.new_empty(0)
+    if later is not None:
+        with _device_guard(q):
+            later()
     return dq, dk, dv, dpe, dbk, dbv
 
 

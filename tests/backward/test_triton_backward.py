@@ -239,6 +239,19 @@ def test_key_cluster_backward_fp32(shape, flags, deterministic):
 
 
 @pytest.mark.usefixtures("group_kernels_on")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+def test_key_cluster_backward_mixed_batches(deterministic):
+    # One batch takes the group-level map, the other (two slots of one query swapped: a
+    # block out of cluster order) the token-level one; the deterministic mode runs them in
+    # two launches, the second only after a device sync says it is needed.
+    case = make_case(2, 3, 61, 12, 24, seed=37, whole_clusters=True)
+    idx = case["member_idx"]
+    idx[1, 3, [0, 1]] = idx[1, 3, [1, 0]]
+    assert _group_map(case)[2].tolist() == [0, 1]
+    assert_grads_fp32(case, 37, deterministic)
+
+
+@pytest.mark.usefixtures("group_kernels_on")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_key_cluster_backward_low_precision(dtype):
     # The key-cluster kernel multiplies 16-bit operands on tensor cores (p and ds split
