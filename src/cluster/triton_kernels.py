@@ -469,11 +469,10 @@ def _group_reverse_map(member_idx: torch.Tensor, mask_u8: torch.Tensor | None, n
             M, n_groups, int(deterministic), HAS_MASK=mask_u8 is not None, GROUP=_GROUP,
             BLOCK_M=_np2(M), num_warps=_NUM_WARPS,
         )
+        gptr.cumsum_(1)
         if deterministic:
             gperm = torch.sort(gkey, dim=1, stable=True)[1]
-            gptr.cumsum_(1)
         else:
-            gptr.cumsum_(1)
             gperm = torch.empty((B, n_entries), dtype=torch.int32, device=dev)
             # Unused blocks hold the key n_groups, which _block_keys leaves out.
             _key_fill_kernel[(triton.cdiv(n_entries, _KEY_BLOCK), B)](
@@ -1567,11 +1566,24 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                 maxnreg=_maxnreg("bwd_q", q.dtype),
             )
 
-        later = None
         if compute_kv:
             dk = torch.empty((B, H, N, D), dtype=k.dtype, device=dev)
             dv = torch.empty((B, H, N, D), dtype=v.dtype, device=dev)
             masks = mask_u8 if has_mask else None
+            bad = None
+            if kv_group is not None:
+                gperm, gptr, bad, any_bad = _group_reverse_map(idx, masks, N, deterministic,
+                                                               zeroed[1])
+            if not deterministic:
+                # Batches flagged good get empty lists; no sync (on a GPU-bound step a
+                # sync here would leave the GPU idle while the host launches the rest).
+                perm, ptr = _reverse_map_counting(idx, masks, N, need=bad, count=zeroed[2])
+            elif kv_group is None:
+                perm, ptr = _reverse_map(idx, mask_b, N)
+            else:
+                # Pass 1 (the batches that take the group-level map) reads no token-level
+                # map; the others (none, on AFF's inputs) wait for the end, see there.
+                perm, ptr = gptr, gptr
             kv_args = (
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -1580,8 +1592,6 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             )
             BK_, BE, KBD, kv_warps = _attn_blocks(D, M, q.dtype, "bwd_kv")
             if kv_group is not None:
-                gperm, gptr, bad, any_bad = _group_reverse_map(idx, masks, N, deterministic,
-                                                               zeroed[1])
                 BG, GBD, kv_heads, gw = kv_group
                 n_kc = triton.cdiv(N, _GROUP)
                 kv_hpg, kv_nhg = _head_groups(n_kc, B, H, dev, kv_heads)
@@ -1596,28 +1606,8 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                         PASS=kv_pass, num_warps=gw, maxnreg=_maxnreg("bwd_kv_group", q.dtype),
                     )
 
-                if not deterministic:
-                    # Batches flagged good get empty lists; no sync (on a GPU-bound step a
-                    # sync here would leave the GPU idle while the host launches the rest).
-                    perm, ptr = _reverse_map_counting(idx, masks, N, need=bad, count=zeroed[2])
-                    key_clusters(perm, ptr, 0)
-                else:
-                    # The batches that take the group-level map now; the others (none, on
-                    # AFF's inputs) after the rest of the backward is issued, behind one
-                    # device sync that tells whether any batch needs the token-level map:
-                    # its stable sort of all B*N*M slots would be the deterministic mode's
-                    # largest extra cost, and a sync before this launch left the GPU idle
-                    # while the host issued it.
-                    key_clusters(gptr, gptr, 1)
-
-                    def later():
-                        if bool(any_bad):
-                            key_clusters(*_reverse_map(idx, mask_b, N), 2)
+                key_clusters(perm, ptr, 1 if deterministic else 0)
             else:
-                if deterministic:
-                    perm, ptr = _reverse_map(idx, mask_b, N)
-                else:
-                    perm, ptr = _reverse_map_counting(idx, masks, N, count=zeroed[2])
                 kv_hpg, kv_nhg = _head_groups(triton.cdiv(N, BK_), B, H, dev)
                 _attn_bwd_kv_kernel[(triton.cdiv(N, BK_), B * kv_nhg)](
                     q, k, v, dout, lse, delta, dk, dv, perm, ptr, pe_idx, pe_t, *kv_args,
@@ -1646,9 +1636,13 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         dbv = dbv_part.sum(0).to(blank_v.dtype)
     else:
         dbk, dbv = q.new_empty(0), q.new_empty(0)
-    if later is not None:
+    if deterministic and kv_group is not None and bool(any_bad):
+        # Last, behind the one device sync of this mode (which batches need the token-level
+        # map: its stable sort of all B*N*M slots is the mode's largest extra cost), so
+        # the GPU has the rest of the backward queued while the host waits; before the
+        # key side's launch the sync left the GPU idle while the host issued it.
         with _device_guard(q):
-            later()
+            key_clusters(*_reverse_map(idx, mask_b, N), 2)
     return dq, dk, dv, dpe, dbk, dbv
 
 
