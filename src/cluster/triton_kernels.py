@@ -22,9 +22,10 @@ queries name each key, walked by the per-key kernel) is built by an atomic count
 so dk / dv add the same terms in a run-dependent order. ``deterministic=True`` sums the
 table gradient in int64 fixed point (integer atomics: exact, so any order gives the same
 bits; float64 sorts and sums segments in a fixed order instead) and builds both reverse
-maps with a stable sort; the token-level one is skipped (one device sync, at the end of the
-backward) when every batch takes the group-level map. The fast mode builds the group-level
-map by a counting sort too.
+maps in slot order: the group-level one with a stable sort, the token-level one (for the
+batches the group-level map does not serve; none on AFF's inputs, and the kernels learn
+which on the device: no sync) by a counting sort in slot ranges that ranks equal keys by
+slot. The fast mode builds the group-level map by a counting sort too.
 
 The kernels read ``TRITON_INTERPRET`` when they are decorated, i.e. at import: set it
 before importing this module to run them on the CPU interpreter.
@@ -430,9 +431,139 @@ def _reverse_map_counting(member_idx: torch.Tensor, mask_u8: torch.Tensor | None
     return perm, count
 
 
+@triton.jit
+def _range_keys(IDX, MASK, b, offs, end, NM, NK, HAS_MASK: tl.constexpr):
+    """Keys of slots ``offs`` of batch b and which of them count (as _block_keys)."""
+    ok = offs < end
+    key = tl.load(IDX + b * NM + offs, mask=ok, other=0)
+    if HAS_MASK:
+        ok = ok & (tl.load(MASK + b * NM + offs, mask=ok, other=0) != 0)
+    return key, ok & (key >= 0) & (key < NK)
+
+
+@triton.jit
+def _range_count_kernel(IDX, MASK, NEED, CNT, NM, NK, RANGE, HAS_MASK: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    """CNT[b, p, key] = how many valid slots of range p (slots p*RANGE ..) of batch b name
+    key, for batches whose NEED[b] is set. The program zeroes its own row first: no fill
+    launch, and nothing is written for the batches that need no map (all of them on AFF's
+    inputs)."""
+    p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if tl.load(NEED + b) != 0:
+        row = CNT + (b * tl.num_programs(0) + p) * (NK + 1)
+        for k0 in range(0, NK + 1, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            tl.store(row + offs, tl.zeros([BLOCK], tl.int32), mask=offs < NK + 1)
+        tl.debug_barrier()  # the zeros land before any thread's atomics
+        start = p * RANGE
+        end = tl.minimum(start + RANGE, NM)
+        for s0 in range(start, end, BLOCK):
+            offs = s0 + tl.arange(0, BLOCK)
+            key, ok = _range_keys(IDX, MASK, b, offs, end, NM, NK, HAS_MASK)
+            tl.atomic_add(row + key, 1, mask=ok, sem="relaxed")
+
+
+@triton.jit
+def _range_scan_kernel(NEED, CNT, PTR, NK, P, BLOCK: tl.constexpr):
+    """Batch b's counts CNT[b, p, key] become where range p's first slot naming key goes in
+    perm (key's list start + the counts of the ranges before p), and PTR[b, key] the
+    lists' starts (PTR[b, NK]: the number of valid slots)."""
+    b = tl.program_id(0).to(tl.int64)
+    if tl.load(NEED + b) != 0:
+        CNT += b * P * (NK + 1)
+        carry = tl.zeros([], tl.int32)
+        for k0 in range(0, NK + 1, BLOCK):
+            offs = k0 + tl.arange(0, BLOCK)
+            ok = offs < NK + 1
+            total = tl.zeros([BLOCK], tl.int32)
+            for p in range(P):
+                total += tl.load(CNT + p * (NK + 1) + offs, mask=ok, other=0)
+            run = carry + tl.cumsum(total, 0) - total
+            tl.store(PTR + b * (NK + 1) + offs, run, mask=ok)
+            for p in range(P):
+                c = tl.load(CNT + p * (NK + 1) + offs, mask=ok, other=0)
+                tl.store(CNT + p * (NK + 1) + offs, run, mask=ok)
+                run += c
+            carry += tl.sum(total, 0)
+
+
+@triton.jit
+def _range_fill_kernel(IDX, MASK, NEED, CNT, PERM, NM, NK, RANGE, HAS_MASK: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """PERM[b, CNT[b, p, key] + rank] = slot, walking range p in slot order: rank counts
+    the chunk's earlier slots naming the same key, and the chunk's last such slot moves
+    the cursor CNT[b, p, key] past them. Each key's list ends up in slot order (what the
+    stable sort gives) whatever the programs' timing."""
+    p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    if tl.load(NEED + b) != 0:
+        row = CNT + (b * tl.num_programs(0) + p) * (NK + 1)
+        start = p * RANGE
+        end = tl.minimum(start + RANGE, NM)
+        i = tl.arange(0, BLOCK)
+        offs = start + i
+        key, ok = _range_keys(IDX, MASK, b, offs, end, NM, NK, HAS_MASK)
+        for _s0 in range(start, end, BLOCK):
+            # The next chunk's keys load while this one waits on its cursors: the walk is
+            # a chain of dependent loads and barriers (~1.5 us a chunk on the H200).
+            nxt = offs + BLOCK
+            key_n, ok_n = _range_keys(IDX, MASK, b, nxt, end, NM, NK, HAS_MASK)
+            same = (key[:, None] == key[None, :]) & ok[:, None] & ok[None, :]
+            rank = tl.sum((same & (i[None, :] < i[:, None])).to(tl.int32), 1)
+            later = tl.sum((same & (i[None, :] > i[:, None])).to(tl.int32), 1)
+            pos = tl.load(row + key, mask=ok, other=0) + rank
+            tl.store(PERM + b * NM + pos, offs, mask=ok)
+            tl.debug_barrier()  # every thread has read its cursor before one moves it
+            tl.store(row + key, pos + 1, mask=ok & (later == 0))
+            tl.debug_barrier()  # the moved cursors are what the next chunk reads
+            offs, key, ok = nxt, key_n, ok_n
+
+
+# The deterministic token-level map's ranges: about _RANGE_PROGRAMS programs in all, ranges
+# of at least _RANGE_MIN slots, and [B, P, N + 1] int32 counts of at most 16 MiB. The fill
+# walks 32 slots at a time with one warp. Measured on the H200 with random indices (every
+# batch needing the map; results/range-map-h200-2026-11-29.log): 0.49 ms at affmae_stage1
+# (the stable sort 0.49), 0.06 ms at config_3_large (0.11-0.27), 2.4 ms at highres (0.70,
+# 15 ranges of 52k slots each: the cap).
+_RANGE_PROGRAMS = 1024
+_RANGE_MIN = 1024
+_RANGE_COUNT_WORDS = 1 << 22
+_RANGE_BLOCK = 32
+
+
+def _reverse_map_stable(member_idx: torch.Tensor, mask_u8: torch.Tensor | None,
+                        n_keys: int, need: torch.Tensor):
+    """The CSR of :func:`_reverse_map` (each key's list in slot order, so the same every
+    run) for the batches where ``need`` [B] int32 is nonzero, by a counting sort in P
+    ranges per batch (count, scan, fill: three launches) instead of a sort of all B*N*M
+    slots. The host never reads ``need``, so the deterministic backward needs no device
+    sync; on AFF's inputs (need all 0) the three kernels return at once.
+    Other batches' lists are left unwritten (their ptr rows are garbage)."""
+    B, N, M = member_idx.shape
+    NM = N * M
+    dev = member_idx.device
+    P = max(1, min(triton.cdiv(_RANGE_PROGRAMS, B), triton.cdiv(NM, _RANGE_MIN),
+                   _RANGE_COUNT_WORDS // (B * (n_keys + 1))))
+    span = triton.cdiv(triton.cdiv(NM, P), _RANGE_BLOCK) * _RANGE_BLOCK
+    P = triton.cdiv(NM, span)
+    cnt = torch.empty((B, P, n_keys + 1), dtype=torch.int32, device=dev)
+    ptr = torch.empty((B, n_keys + 1), dtype=torch.int32, device=dev)
+    perm = torch.empty((B, NM), dtype=torch.int32, device=dev)
+    has_mask = mask_u8 is not None
+    masks = mask_u8 if has_mask else member_idx  # any tensor: unread without HAS_MASK
+    with _device_guard(member_idx):
+        _range_count_kernel[(P, B)](member_idx, masks, need, cnt, NM, n_keys, span,
+                                    HAS_MASK=has_mask, BLOCK=_KEY_BLOCK)
+        _range_scan_kernel[(B,)](need, cnt, ptr, n_keys, P, BLOCK=_KEY_BLOCK)
+        _range_fill_kernel[(P, B)](member_idx, masks, need, cnt, perm, NM, n_keys, span,
+                                   HAS_MASK=has_mask, BLOCK=_RANGE_BLOCK, num_warps=1)
+    return perm, ptr
+
+
 def _group_map_words(B: int, N: int) -> int:
     """int32 elements of the zeroed buffer :func:`_group_reverse_map` takes."""
-    return B * (triton.cdiv(N, _GROUP) + 1) + B + 1
+    return B * (triton.cdiv(N, _GROUP) + 1) + B
 
 
 def _group_reverse_map(member_idx: torch.Tensor, mask_u8: torch.Tensor | None, n_keys: int,
@@ -440,8 +571,7 @@ def _group_reverse_map(member_idx: torch.Tensor, mask_u8: torch.Tensor | None, n
     """The group-level reverse map of _group_key_kernel, as CSR: gperm [B, G * J] lists,
     per key cluster, the (query group g, slot block j) pairs ``g * J + j`` that name it,
     gptr [B, n_clusters + 1] int32; bad [B] int32, nonzero where batch b needs the
-    token-level map instead, and any_bad [1], nonzero where some batch does (one element
-    to read, no reduction). G * J is N * M / 64 entries.
+    token-level map instead. G * J is N * M / 64 entries.
 
     deterministic: a stable sort of the keys lists each cluster's pairs in order (gperm
     int64 as the sort returns it: a cast would be one more launch; the kernel reads it
@@ -478,7 +608,7 @@ def _group_reverse_map(member_idx: torch.Tensor, mask_u8: torch.Tensor | None, n
             _key_fill_kernel[(triton.cdiv(n_entries, _KEY_BLOCK), B)](
                 gkey, gkey, gkey, gptr, gperm, n_entries, n_groups, HAS_MASK=False,
                 HAS_NEED=False, BLOCK=_KEY_BLOCK)
-    return gperm, gptr, bad[:B], bad[B:]
+    return gperm, gptr, bad
 
 
 @triton.jit
@@ -1282,9 +1412,8 @@ def _group_key_kernel(IDX, MASK, GKEY, CNT, BAD, N, M, NKC, CNT_AT, HAS_MASK: tl
     counted = used & (c_hi < NKC) & (offs_j < n_blocks)
     tl.atomic_add(CNT + b * (NKC + 1) + CNT_AT + tl.where(counted, c_hi, 0), 1, mask=counted,
                   sem="relaxed")
-    # Relaxed: read only by later kernels and the host. BAD[B] flags any batch.
+    # Relaxed: read only by later kernels.
     tl.atomic_max(BAD + b, bad.to(tl.int32), sem="relaxed")
-    tl.atomic_max(BAD + tl.num_programs(1), bad.to(tl.int32), sem="relaxed")
 
 
 @triton.jit
@@ -1375,7 +1504,6 @@ def _attn_bwd_kv_cluster_kernel(
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, FTZ: tl.constexpr, ACC: tl.constexpr,
-    PASS: tl.constexpr,
 ):
     """Key side by key cluster: one program per GROUP consecutive keys. When every query
     group of the batch shares its list and names whole key clusters (AFF's layout, checked
@@ -1385,10 +1513,7 @@ def _attn_bwd_kv_cluster_kernel(
     scores K Q^T and dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q, all tl.dot. Every
     query row is read once per key cluster, where the per-key walk reads it once per key.
     The program's heads go HEADS at a time through one tile (_kv_cluster_tile), an odd
-    last one alone. Otherwise the program walks the token-level map.
-    PASS 0 does both kinds of batch, 1 only those that take the group-level map, 2 only the
-    others (the deterministic mode launches 2 only when some batch needs it, see
-    _attn_backward)."""
+    last one alone. Otherwise the program walks the token-level map."""
     kc = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h_lo, h_hi = _batch_heads(pid_bh, NHG, HPG, H)
@@ -1396,34 +1521,31 @@ def _attn_bwd_kv_cluster_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX = _bwd_kv_batch(
         Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, b, sqb, skb, svb, sdob, H, N, M, D)
     MASK += b * N * M
-    bad = tl.load(BAD + b)
-    if PASS != 2:
-        if bad == 0:
-            n_blocks = M // GROUP
-            GPTR += b * (n_kc + 1)
-            GPERM += b * tl.cdiv(N, GROUP) * n_blocks
-            start = tl.load(GPTR + kc)
-            cnt = tl.load(GPTR + kc + 1) - start
-            for h in range(h_lo, h_hi - (HEADS - 1), HEADS):
-                _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc, h,
-                                 start, cnt, n_blocks, sqh, sqn, skh, skn, svh, svn, sdoh, sdon,
-                                 spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, GROUP,
-                                 HEADS, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ, ACC)
-            if HEADS > 1:
-                if (h_hi - h_lo) % HEADS != 0:
-                    _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc,
-                                     h_hi - 1, start, cnt, n_blocks, sqh, sqn, skh, skn, svh, svn,
-                                     sdoh, sdon, spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE,
-                                     HAS_MASK, GROUP, 1, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ,
-                                     ACC)
-    if PASS != 1:
-        if bad != 0:
-            offs_k = kc * GROUP + tl.arange(0, GROUP)
-            k_ok = offs_k < N
-            for h in range(h_lo, h_hi):
-                _bwd_kv_rows(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k,
-                             k_ok, sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh, N, M, D,
-                             scale_hi, scale_lo, HAS_PE, GROUP, BLOCK_E, BLOCK_D, ACC, FTZ)
+    if tl.load(BAD + b) == 0:
+        n_blocks = M // GROUP
+        GPTR += b * (n_kc + 1)
+        GPERM += b * tl.cdiv(N, GROUP) * n_blocks
+        start = tl.load(GPTR + kc)
+        cnt = tl.load(GPTR + kc + 1) - start
+        for h in range(h_lo, h_hi - (HEADS - 1), HEADS):
+            _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc, h,
+                             start, cnt, n_blocks, sqh, sqn, skh, skn, svh, svn, sdoh, sdon,
+                             spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, GROUP,
+                             HEADS, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ, ACC)
+        if HEADS > 1:
+            if (h_hi - h_lo) % HEADS != 0:
+                _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc,
+                                 h_hi - 1, start, cnt, n_blocks, sqh, sqn, skh, skn, svh, svn,
+                                 sdoh, sdon, spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE,
+                                 HAS_MASK, GROUP, 1, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ,
+                                 ACC)
+    else:
+        offs_k = kc * GROUP + tl.arange(0, GROUP)
+        k_ok = offs_k < N
+        for h in range(h_lo, h_hi):
+            _bwd_kv_rows(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k,
+                         k_ok, sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh, N, M, D,
+                         scale_hi, scale_lo, HAS_PE, GROUP, BLOCK_E, BLOCK_D, ACC, FTZ)
 
 
 @triton.jit
@@ -1572,18 +1694,16 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             masks = mask_u8 if has_mask else None
             bad = None
             if kv_group is not None:
-                gperm, gptr, bad, any_bad = _group_reverse_map(idx, masks, N, deterministic,
-                                                               zeroed[1])
+                gperm, gptr, bad = _group_reverse_map(idx, masks, N, deterministic, zeroed[1])
+            # Token-level maps only for the batches the group-level map flags (none on AFF's
+            # inputs), decided on the device: a sync here would leave the GPU idle while the
+            # host issues the rest, in every layer's backward.
             if not deterministic:
-                # Batches flagged good get empty lists; no sync (on a GPU-bound step a
-                # sync here would leave the GPU idle while the host launches the rest).
                 perm, ptr = _reverse_map_counting(idx, masks, N, need=bad, count=zeroed[2])
             elif kv_group is None:
                 perm, ptr = _reverse_map(idx, mask_b, N)
             else:
-                # Pass 1 (the batches that take the group-level map) reads no token-level
-                # map; the others (none, on AFF's inputs) wait for the end, see there.
-                perm, ptr = gptr, gptr
+                perm, ptr = _reverse_map_stable(idx, masks, N, need=bad)
             kv_args = (
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2),
@@ -1595,18 +1715,14 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
                 BG, GBD, kv_heads, gw = kv_group
                 n_kc = triton.cdiv(N, _GROUP)
                 kv_hpg, kv_nhg = _head_groups(n_kc, B, H, dev, kv_heads)
-
-                def key_clusters(perm, ptr, kv_pass):
-                    _attn_bwd_kv_cluster_kernel[(n_kc, B * kv_nhg)](
-                        q, k, v, dout, lse, delta, dk, dv, perm, ptr, gperm, gptr, bad,
-                        pe_idx, mask_u8, pe_t, *kv_args, H, N, M, D, hi, lo, kv_hpg, kv_nhg,
-                        HAS_PE=has_pe, HAS_MASK=has_mask, GROUP=_GROUP,
-                        HEADS=kv_heads, BLOCK_G=BG, BLOCK_E=BE, BLOCK_D=GBD,
-                        **_dot_flags(q.dtype), FTZ=_ftz(q.dtype), ACC=_tl_acc(q.dtype),
-                        PASS=kv_pass, num_warps=gw, maxnreg=_maxnreg("bwd_kv_group", q.dtype),
-                    )
-
-                key_clusters(perm, ptr, 1 if deterministic else 0)
+                _attn_bwd_kv_cluster_kernel[(n_kc, B * kv_nhg)](
+                    q, k, v, dout, lse, delta, dk, dv, perm, ptr, gperm, gptr, bad,
+                    pe_idx, mask_u8, pe_t, *kv_args, H, N, M, D, hi, lo, kv_hpg, kv_nhg,
+                    HAS_PE=has_pe, HAS_MASK=has_mask, GROUP=_GROUP,
+                    HEADS=kv_heads, BLOCK_G=BG, BLOCK_E=BE, BLOCK_D=GBD,
+                    **_dot_flags(q.dtype), FTZ=_ftz(q.dtype), ACC=_tl_acc(q.dtype),
+                    num_warps=gw, maxnreg=_maxnreg("bwd_kv_group", q.dtype),
+                )
             else:
                 kv_hpg, kv_nhg = _head_groups(triton.cdiv(N, BK_), B, H, dev)
                 _attn_bwd_kv_kernel[(triton.cdiv(N, BK_), B * kv_nhg)](
@@ -1636,13 +1752,6 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         dbv = dbv_part.sum(0).to(blank_v.dtype)
     else:
         dbk, dbv = q.new_empty(0), q.new_empty(0)
-    if deterministic and kv_group is not None and bool(any_bad):
-        # Last, behind the one device sync of this mode (which batches need the token-level
-        # map: its stable sort of all B*N*M slots is the mode's largest extra cost), so
-        # the GPU has the rest of the backward queued while the host waits; before the
-        # key side's launch the sync left the GPU idle while the host issued it.
-        with _device_guard(q):
-            key_clusters(*_reverse_map(idx, mask_b, N), 2)
     return dq, dk, dv, dpe, dbk, dbv
 
 

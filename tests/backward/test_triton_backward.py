@@ -294,7 +294,7 @@ def test_key_cluster_backward_hot_cluster(deterministic):
     idx = case["member_idx"].clone()
     idx[:, :, :8] = torch.arange(8, device=idx.device)
     case["member_idx"] = idx
-    gperm, gptr, bad, _any = _group_map(case)
+    gperm, gptr, bad = _group_map(case)
     assert bad.eq(0).all() and int(gptr[0, 1] - gptr[0, 0]) >= 13
     assert_grads_fp32(case, 33, deterministic)
 
@@ -339,8 +339,8 @@ def test_group_key_map_lists_and_flags(deterministic):
         got = gperm[b, int(gptr[b, c]):int(gptr[b, c + 1])].tolist()
         return got if deterministic else sorted(got)
 
-    gperm, gptr, bad, any_bad = group_map(idx, live)
-    assert bad.tolist() == [0, 0] and any_bad.tolist() == [0]
+    gperm, gptr, bad = group_map(idx, live)
+    assert bad.tolist() == [0, 0]
     n_groups, J = 5, 3
     for b in range(B):
         want = [[] for _ in range(n_groups)]
@@ -354,7 +354,7 @@ def test_group_key_map_lists_and_flags(deterministic):
     # Two slot blocks of one group naming the same key cluster: both entries, in order.
     dup = idx.clone()
     dup[1, 8:16, 8:16] = dup[1, 8:16, 0:8]
-    gperm, gptr, bad, _any = group_map(dup, valid)
+    gperm, gptr, bad = group_map(dup, valid)
     c = int(dup[1, 8, 0]) // 8
     got = listed(gperm, gptr, 1, c)
     assert bad.tolist() == [0, 0] and got.count(3) == 1 and got.count(4) == 1, got
@@ -362,19 +362,17 @@ def test_group_key_map_lists_and_flags(deterministic):
     # A group whose queries differ, a block out of cluster order, an index out of range:
     # each flags its batch (and only it); masked slots may hold anything. Without the
     # padding mask the short last cluster's slots (all naming N - 1) are out of order.
-    assert [f.tolist() for f in group_map(idx, None)[2:]] == [[1, 1], [1]]
+    assert group_map(idx, None)[2].tolist() == [1, 1]
     cases = {"stray": (0, 9, 2, lambda x: (x + 8) % N), "order": (0, 0, 1, lambda x: x ^ 1),
              "range": (0, 0, 5, lambda x: x + 10 * N)}
     for why, (b, q, s, f) in cases.items():
         broken = idx.clone()
         rows = slice(q, q + 1) if why == "stray" else slice(q, q + 8)
         broken[b, rows, s] = f(broken[b, rows, s])
-        flags = group_map(broken, valid)[2:]
-        assert [f.tolist() for f in flags] == [[1, 0], [1]], why
+        assert group_map(broken, valid)[2].tolist() == [1, 0], why
         hidden = valid.clone()
         hidden[b, rows, s] = False
-        flags = group_map(broken, hidden)[2:]
-        assert [f.tolist() for f in flags] == [[0, 0], [0]], why
+        assert group_map(broken, hidden)[2].tolist() == [0, 0], why
 
 
 def test_deterministic_is_bitwise_reproducible():
@@ -674,3 +672,21 @@ def test_counting_reverse_map_has_the_sorts_lists(N, M, n_keys, masked):
         got = perm[b, :used].long()
         got = got[torch.argsort(key_of * (N * M + 1) + got)]
         assert torch.equal(got, want_perm[b, :used]), f"batch {b}"
+
+
+@MAP_CASES
+@pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
+def test_range_reverse_map_is_the_stable_sort(N, M, n_keys, masked, monkeypatch):
+    # The deterministic mode's token-level map: the stable sort's lists, in slot order, for
+    # the batches flagged in need (batch 0 here); the other batch's lists are not built.
+    # Small ranges so that the cases span several ranges and several chunks per range.
+    monkeypatch.setattr(tk, "_RANGE_MIN", 150)
+    idx, valid = _map_case(N, M, n_keys, masked)
+    want_perm, want_ptr = _stable_sort_map(idx, valid, n_keys)
+    need = torch.tensor([1, 0], dtype=torch.int32, device=_DEV)
+    perm, ptr = tk._reverse_map_stable(idx, None if valid is None else valid.view(torch.uint8),
+                                       n_keys, need)
+    assert perm.dtype == ptr.dtype == torch.int32
+    assert torch.equal(ptr[0].long(), want_ptr[0])
+    used = int(want_ptr[0, -1])
+    assert torch.equal(perm[0, :used].long(), want_perm[0, :used])
