@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster import cuda_ext, ops, reference
+from cluster import cuda_ext, ops, reference, testing
 
 from ..forward.test_cuda_ext import (
     DET_SEEN,
@@ -229,8 +229,13 @@ def test_deterministic_backward_is_bitwise_reproducible(cuda, op):
     for _ in range(3):
         for a, b in zip(first, bwd(g, *floats, idx, True)):
             assert torch.equal(a, b)
-    for a, b in zip(first, bwd(g, *floats, idx, False)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # Both modes against float64 (the suite's float32 gradient rule, cluster.testing), not
+    # against each other at 1e-4: the hot keys' sums have ~2300 float32 terms, and the
+    # fast mode's atomic order moved one element by 1.3e-4 (of 0.32) in an H200 run.
+    ref = bwd(g.double(), *(f.double() for f in floats), idx, True)
+    for det in (True, False):
+        for a, r in zip(bwd(g, *floats, idx, det), ref):
+            assert testing.within_fp32_tolerance(a, r, 1e-3), testing.max_errors(a, r)
 
 
 def test_composed_deterministic_grads_are_reproducible(cuda):

@@ -312,6 +312,50 @@ def test_key_cluster_backward_mixed_batches(deterministic):
     assert_grads_fp32(case, 26, deterministic)
 
 
+@pytest.mark.skipif(_DEV.type != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.usefixtures("group_kernels_on")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+def test_backward_replays_as_a_cuda_graph(deterministic):
+    # Neither mode reads anything back to the host (no sync), so a whole step is captured:
+    # one batch takes the group-level map, the other the token-level one.
+    case = make_case(2, 2, 64, 16, 24, seed=61, whole_clusters=True)
+    case["member_idx"][1, 8:16, 3] = (case["member_idx"][1, 8:16, 3] + 1) % 64
+    case["mask"][1, 8:16, 3] = True
+    assert _group_map(case)[2].tolist() == [0, 1]
+    c = leaves(case, torch.float32)
+    dout = dout_for(case, 61).float()
+    names = [n for n in PARAMS if c[n] is not None]
+
+    def step():
+        for n in names:
+            c[n].grad = None
+        out = ops.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"],
+                                    **{n: c[n] for n in KWARGS}, backend="triton",
+                                    deterministic=deterministic, check_indices=False)
+        out.backward(dout)
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    got = {n: c[n].grad.clone() for n in names}
+    want_out = step()
+    for n in names:
+        if deterministic:
+            assert torch.equal(got[n], c[n].grad), f"d{n}: replay differs from eager"
+        else:
+            assert_close(got[n], c[n].grad, 1e-4, f"d{n} replay vs eager")
+    assert torch.equal(out, want_out)
+
+
 @pytest.mark.usefixtures("group_kernels_on")
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
 def test_key_cluster_gradcheck_fp64(deterministic):
