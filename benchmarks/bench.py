@@ -245,9 +245,10 @@ def set_grads_none(tensors) -> None:
         t.grad = None
 
 
-def time_gpu(fn, grads, est_ms: float, opt) -> tuple[float, int]:
-    """Median ms and number of timed reps; at least ``min_reps`` unless that exceeds ``max_rep_ms``."""
-    rep = max(opt.rep_ms, min(opt.min_reps * est_ms, opt.max_rep_ms))
+def time_gpu(fn, grads, est_ms: float, opt, share: float = 1.0) -> tuple[float, int]:
+    """Median ms and number of timed reps; at least ``min_reps`` unless that exceeds ``max_rep_ms``.
+    ``share``: the fraction of that timed time to spend (one of several rounds)."""
+    rep = max(opt.rep_ms, min(opt.min_reps * est_ms, opt.max_rep_ms)) * share
     try:
         from triton.testing import do_bench
     except Exception:
@@ -311,8 +312,27 @@ def free_memory(device: torch.device) -> None:
 
 # ------------------------------------------------------------------------------ one case
 
-def measure(ctx, name: str, attn, x: Inputs, mode: str, rec: dict, keep: bool):
-    """Fill ``rec`` with the timing of one step; return (out, grads) of the last run if ``keep``."""
+def _floor_ms(ctx, rec: dict) -> float:
+    return rec["floor_bytes"] / ctx["bandwidth"] * 1e3
+
+
+def _set_time(ctx, rec: dict, ms: float, reps) -> None:
+    rec.update(status="ok", time_ms=ms, reps=reps, floor_ms=_floor_ms(ctx, rec),
+               gbps=rec["floor_bytes"] / (ms * 1e-3) / 1e9, x_floor=ms / _floor_ms(ctx, rec))
+
+
+def _set_failure(rec: dict, exc: BaseException) -> None:
+    if is_oom(exc):
+        rec.update(status="oom", reason=str(exc).splitlines()[0][:300])
+    else:
+        rec.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:2000]}")
+        traceback.print_exc()
+
+
+def measure(ctx, name: str, attn, x: Inputs, mode: str, rec: dict, keep: bool, timers=None):
+    """Fill ``rec`` with the timing of one step; return (out, grads) of the last run if ``keep``.
+    With ``timers`` (a list: --rounds > 1) the timing is left to :func:`time_rounds`: the
+    record gets status "pending" and its step joins ``timers``."""
     device, opt = ctx["device"], ctx["opt"]
     step = make_step(attn, x, mode)
     grads = x.leaves() if mode == "fwd+bwd" else []
@@ -326,33 +346,65 @@ def measure(ctx, name: str, attn, x: Inputs, mode: str, rec: dict, keep: bool):
         if keep:  # the first call's results: a wrong first call is as wrong as any
             result = (out.detach(), {n: t.grad.detach() for n, t in zip(GRAD_NAMES, grads)})
         del out
+        est_ms = None
         if device.type == "cuda":
             set_grads_none(grads)
             t0 = time.perf_counter()
             step()
             sync(device)
-            ms, reps = time_gpu(step, grads, (time.perf_counter() - t0) * 1e3, opt)
+            est_ms = (time.perf_counter() - t0) * 1e3
+        if timers is not None:
+            timers.append((rec, step, grads, est_ms))
+            rec["status"] = "pending"
+        else:
+            _set_time(ctx, rec, *(time_gpu(step, grads, est_ms, opt) if device.type == "cuda"
+                                  else time_cpu(step, grads, opt.smoke_reps, device)))
+        if device.type == "cuda":
             rec["sm_clock_mhz"] = sm_clock_mhz(device)
             rec["peak_mib"] = peak_mib(step, grads, device)
             if opt.gpu_time:
                 rec["gpu_ms"] = gpu_ms(step, grads, device)
-        else:
-            ms, reps = time_cpu(step, grads, opt.smoke_reps, device)
-        floor_s = rec["floor_bytes"] / ctx["bandwidth"]
-        rec.update(status="ok", time_ms=ms, reps=reps, floor_ms=floor_s * 1e3,
-                   gbps=rec["floor_bytes"] / (ms * 1e-3) / 1e9, x_floor=ms / (floor_s * 1e3))
-        if rec["gpu_ms"] is not None:
-            rec["gpu_x_floor"] = rec["gpu_ms"] / (floor_s * 1e3)
+                if rec["gpu_ms"] is not None:
+                    rec["gpu_x_floor"] = rec["gpu_ms"] / _floor_ms(ctx, rec)
     except Exception as exc:
-        if is_oom(exc):
-            rec.update(status="oom", reason=str(exc).splitlines()[0][:300])
-        else:
-            rec.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:2000]}")
-            traceback.print_exc()
+        _set_failure(rec, exc)
     finally:
         set_grads_none(grads)
         free_memory(device)
     return result
+
+
+def time_rounds(ctx, timers) -> None:
+    """Time the cases ``measure`` left pending (one shape and dtype) in --rounds rounds, the
+    backends taking turns: the eager steps of the small shapes are host-bound, and a slow
+    phase of the host would otherwise land on whichever case ran then. A case's time is the
+    median of its rounds' medians (``round_ms`` keeps them)."""
+    device, opt = ctx["device"], ctx["opt"]
+    per_round = {id(rec): [] for rec, *_ in timers}
+    reps = {id(rec): [] for rec, *_ in timers}
+    for _ in range(opt.rounds):
+        for rec, step, grads, est_ms in timers:
+            if rec["status"] != "pending":
+                continue
+            try:
+                if device.type == "cuda":
+                    ms, n = time_gpu(step, grads, est_ms, opt, share=1.0 / opt.rounds)
+                else:
+                    ms, n = time_cpu(step, grads, max(1, -(-opt.smoke_reps // opt.rounds)), device)
+            except Exception as exc:
+                _set_failure(rec, exc)
+                continue
+            finally:
+                set_grads_none(grads)
+            per_round[id(rec)].append(ms)
+            reps[id(rec)].append(n)
+    for rec, *_ in timers:
+        if rec["status"] == "pending":
+            times, ns = per_round[id(rec)], reps[id(rec)]
+            _set_time(ctx, rec, statistics.median(times), None if None in ns else sum(ns))
+            rec["round_ms"] = [round(t, 4) for t in times]
+    timers.clear()
+    free_memory(device)
 
 
 GPU_TIME_STEPS = 10
@@ -492,6 +544,7 @@ def run_shape(ctx, kind: str, shape: str, dims: tuple, dtype_names, oom_at=None)
     for dtype_name in dtype_names:
         dtype = DTYPES[dtype_name]
         x = base.cast(dtype, requires_grad=True)
+        timers = [] if opt.rounds > 1 else None
         for name in ctx["backends"]:
             why = backend_skip_reason(name, device, dtype)
             attn = make_attention(name, opt.check_indices) if why is None else None
@@ -505,16 +558,22 @@ def run_shape(ctx, kind: str, shape: str, dims: tuple, dtype_names, oom_at=None)
                     rec.update(status="skipped", reason=why)
                 else:
                     keep = smoke or (mode == "fwd" and dtype == torch.float32 and opt.errors)
-                    results[mode] = measure(ctx, name, attn, x, mode, rec, keep)
+                    results[mode] = measure(ctx, name, attn, x, mode, rec, keep, timers)
                     if rec["status"] == "oom" and oom_at is not None:
                         oom_at[(name, mode)] = dims[1]
                     if keep and results[mode] is not None and mode == "fwd":
                         add_error(rec, results[mode][0], ref())
-                if smoke and rec["status"] == "ok":
+                if smoke and rec["status"] in ("ok", "pending"):
                     check_smoke(rec, results[mode], ref())
-                progress(rec)
+                if rec["status"] != "pending":
+                    progress(rec)
             del attn, results
-        del x
+        if timers:
+            pending = [rec for rec, *_ in timers]
+            time_rounds(ctx, timers)
+            for rec in pending:
+                progress(rec)
+        del x, timers
         free_memory(device)
     return records
 
@@ -628,13 +687,19 @@ def _gpu_cell(rec) -> str:
     return f"{rec['gpu_ms']:.3f} ({rec['gpu_x_floor']:.2f})"
 
 
+def _rounds_note(meta: dict) -> str:
+    rounds = meta.get("args", {}).get("rounds", 1)
+    return f" · each case timed in {rounds} rounds, backends taking turns" if rounds > 1 else ""
+
+
 def to_markdown(meta: dict, records: list[dict]) -> str:
     lines = [f"# Cluster attention benchmark — {meta['device']}", "",
              f"{meta['date']} · torch {meta['torch']} · triton {meta['triton']} · CUDA {meta['cuda']} · "
              f"python {meta['python']} · commit `{meta['git_commit'][:12]}`"
              f"{' (dirty)' if meta.get('git_dirty') else ''} · host CPU cores "
              f"{meta.get('cpu_affinity', 'unknown')}"
-             f"{' (pinned: --pin-cpu)' if meta.get('args', {}).get('pin_cpu') is not None else ''}", "",
+             f"{' (pinned: --pin-cpu)' if meta.get('args', {}).get('pin_cpu') is not None else ''}"
+             f"{_rounds_note(meta)}", "",
              f"Copy bandwidth (device-to-device, read + write): **{meta['copy_bandwidth_gbps']:.0f} GB/s**. "
              "Floor = bytes of q, k, v, out (+ dO, dq, dk, dv for fwd+bwd) and of member_idx, pe_idx "
              "(int32), mask (1 B) at that bandwidth; GB/s = those bytes / time; x floor = time / floor. "
@@ -756,6 +821,11 @@ def parse_args(argv=None):
                    help="timed repetitions at least, unless that takes over --max-rep-ms (default %(default)s)")
     p.add_argument("--max-rep-ms", type=float, default=3000.0,
                    help="cap on the timed time per case (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time each case in this many rounds, the backends of one shape and dtype "
+                        "taking turns round by round, so that a slow phase of a host-bound run lands "
+                        "on all of them rather than on one row; a case's time is the median of its "
+                        "rounds' medians (default %(default)s: each case timed in one go)")
     p.add_argument("--copy-gib", type=float, default=1.0, help="size of the bandwidth probe copy (default %(default)s)")
     p.add_argument("--ref-budget-gb", type=float, default=8.0,
                    help="memory budget of the float64 reference (run in batch chunks); over it the error "

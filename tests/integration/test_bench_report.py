@@ -52,3 +52,27 @@ def test_markdown_and_log_without_gpu_time(capsys):
     gpu = _records(0.25)[1]
     bench.progress(gpu)
     assert f"GPU 0.250 ms x{gpu['gpu_x_floor']:.2f}" in capsys.readouterr().out
+
+
+def test_rounds_interleave_the_cases():
+    # --rounds: the pending cases of one shape and dtype take turns, round by round, and a
+    # case's time is the median of its rounds' medians.
+    import types
+
+    import torch
+
+    opt = types.SimpleNamespace(rounds=3, smoke_reps=2)
+    ctx = {"device": torch.device("cpu"), "opt": opt, "bandwidth": 1e10}
+    calls, timers = [], []
+    for name in ("triton", "cuda"):
+        rec = bench.base_record("shape", "affmae_stage1", bench.SHAPES["affmae_stage1"], name,
+                                "float16", "fwd")
+        rec["status"] = "pending"
+        timers.append((rec, lambda name=name: calls.append(name), [], None))
+    recs = [t[0] for t in timers]
+    bench.time_rounds(ctx, timers)
+    assert calls == ["triton", "cuda"] * 3  # one rep per round (ceil(2 / 3))
+    for rec in recs:
+        assert rec["status"] == "ok" and len(rec["round_ms"]) == 3 and rec["reps"] == 3
+        assert abs(rec["time_ms"] - sorted(rec["round_ms"])[1]) < 1e-3
+    assert timers == []
