@@ -321,6 +321,15 @@ def _set_time(ctx, rec: dict, ms: float, reps) -> None:
                gbps=rec["floor_bytes"] / (ms * 1e-3) / 1e9, x_floor=ms / _floor_ms(ctx, rec))
 
 
+def _time_step(ctx, step, grads, est_ms, rounds: int = 1) -> tuple[float, int | None]:
+    """(median ms, reps) of ``step``: its share of the timed time when it is one of
+    ``rounds`` rounds (the GPU's do_bench, or --smoke-reps split over the rounds on the CPU)."""
+    device, opt = ctx["device"], ctx["opt"]
+    if device.type == "cuda":
+        return time_gpu(step, grads, est_ms, opt, share=1.0 / rounds)
+    return time_cpu(step, grads, max(1, -(-opt.smoke_reps // rounds)), device)
+
+
 def _set_failure(rec: dict, exc: BaseException) -> None:
     if is_oom(exc):
         rec.update(status="oom", reason=str(exc).splitlines()[0][:300])
@@ -357,8 +366,7 @@ def measure(ctx, name: str, attn, x: Inputs, mode: str, rec: dict, keep: bool, t
             timers.append((rec, step, grads, est_ms))
             rec["status"] = "pending"
         else:
-            _set_time(ctx, rec, *(time_gpu(step, grads, est_ms, opt) if device.type == "cuda"
-                                  else time_cpu(step, grads, opt.smoke_reps, device)))
+            _set_time(ctx, rec, *_time_step(ctx, step, grads, est_ms))
         if device.type == "cuda":
             rec["sm_clock_mhz"] = sm_clock_mhz(device)
             rec["peak_mib"] = peak_mib(step, grads, device)
@@ -379,7 +387,7 @@ def time_rounds(ctx, timers) -> None:
     backends taking turns: the eager steps of the small shapes are host-bound, and a slow
     phase of the host would otherwise land on whichever case ran then. A case's time is the
     median of its rounds' medians (``round_ms`` keeps them)."""
-    device, opt = ctx["device"], ctx["opt"]
+    opt = ctx["opt"]
     per_round = {id(rec): [] for rec, *_ in timers}
     reps = {id(rec): [] for rec, *_ in timers}
     for _ in range(opt.rounds):
@@ -387,10 +395,7 @@ def time_rounds(ctx, timers) -> None:
             if rec["status"] != "pending":
                 continue
             try:
-                if device.type == "cuda":
-                    ms, n = time_gpu(step, grads, est_ms, opt, share=1.0 / opt.rounds)
-                else:
-                    ms, n = time_cpu(step, grads, max(1, -(-opt.smoke_reps // opt.rounds)), device)
+                ms, n = _time_step(ctx, step, grads, est_ms, opt.rounds)
             except Exception as exc:
                 _set_failure(rec, exc)
                 continue
@@ -404,7 +409,7 @@ def time_rounds(ctx, timers) -> None:
             _set_time(ctx, rec, statistics.median(times), None if None in ns else sum(ns))
             rec["round_ms"] = [round(t, 4) for t in times]
     timers.clear()
-    free_memory(device)
+    free_memory(ctx["device"])
 
 
 GPU_TIME_STEPS = 10
