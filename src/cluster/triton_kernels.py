@@ -341,20 +341,31 @@ def _reverse_map(member_idx: torch.Tensor, mask: torch.Tensor | None, n_keys: in
 
 
 @triton.jit
-def _block_keys(IDX, MASK, NEED, NM, NK, HAS_MASK: tl.constexpr, HAS_NEED: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """(batch, flat slots, their keys, which of them count) of this program's BLOCK slots.
-    HAS_NEED: batches whose NEED[b] is 0 count nothing (the group-level map serves them)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    b = tl.program_id(1).to(tl.int64)
-    ok = offs < NM
-    if HAS_NEED:
-        ok = ok & (tl.load(NEED + b) != 0)
+def _range_keys(IDX, MASK, b, offs, end, NM, NK, HAS_MASK: tl.constexpr):
+    """Keys of slots ``offs`` of batch b and which of them count: below ``end``,
+    unmasked, and a key in [0, NK)."""
+    ok = offs < end
     key = tl.load(IDX + b * NM + offs, mask=ok, other=0)
     if HAS_MASK:
         ok = ok & (tl.load(MASK + b * NM + offs, mask=ok, other=0) != 0)
     # Unchecked indices (check_indices=False) must not turn into stray writes.
-    return b, offs, key, ok & (key >= 0) & (key < NK)
+    return key, ok & (key >= 0) & (key < NK)
+
+
+@triton.jit
+def _block_keys(IDX, MASK, NEED, NM, NK, HAS_MASK: tl.constexpr, HAS_NEED: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """(batch, flat slots, their keys, which of them count) of this program's BLOCK slots.
+    HAS_NEED: batches whose NEED[b] is 0 count nothing (the group-level map serves them):
+    their range ends at 0, so no key or mask is loaded."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.program_id(1).to(tl.int64)
+    if HAS_NEED:
+        end = tl.where(tl.load(NEED + b) != 0, NM, 0)
+        key, ok = _range_keys(IDX, MASK, b, offs, end, NM, NK, HAS_MASK)
+    else:
+        key, ok = _range_keys(IDX, MASK, b, offs, NM, NM, NK, HAS_MASK)
+    return b, offs, key, ok
 
 
 @triton.jit
@@ -429,16 +440,6 @@ def _reverse_map_counting(member_idx: torch.Tensor, mask_u8: torch.Tensor | None
                                perm, NM, n_keys, HAS_MASK=has_mask, HAS_NEED=need is not None,
                                BLOCK=_KEY_BLOCK)
     return perm, count
-
-
-@triton.jit
-def _range_keys(IDX, MASK, b, offs, end, NM, NK, HAS_MASK: tl.constexpr):
-    """Keys of slots ``offs`` of batch b and which of them count (as _block_keys)."""
-    ok = offs < end
-    key = tl.load(IDX + b * NM + offs, mask=ok, other=0)
-    if HAS_MASK:
-        ok = ok & (tl.load(MASK + b * NM + offs, mask=ok, other=0) != 0)
-    return key, ok & (key >= 0) & (key < NK)
 
 
 @triton.jit
