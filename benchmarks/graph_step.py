@@ -1,19 +1,20 @@
-"""Host overhead vs GPU time: the triton fast-mode fwd+bwd step, eager and as a CUDA graph.
+"""Host overhead vs GPU time: the triton fwd+bwd step, eager and as a CUDA graph.
 
 On a host that issues launches slowly, the eager step at small AFF shapes takes the host's
-time, not the GPU's. This script captures one step (forward, backward, check_indices=False,
-fast mode: the deterministic mode reads a flag on the host and cannot be captured) in a
-CUDA graph and times its replay next to the eager step (triton.testing.do_bench, median).
-With --compile it also times the step under ``torch.compile(mode="reduce-overhead")``, which
-records CUDA graphs itself: what a training script gets without capturing by hand.
+time, not the GPU's. This script captures one step (forward, backward, check_indices=False)
+in a CUDA graph, in the fast and the deterministic mode (neither reads anything back on the
+host since 813d25a), and times its replay next to the eager step (triton.testing.do_bench,
+median). With --compile it also times the step under ``torch.compile(mode="reduce-overhead")``,
+which records CUDA graphs itself: what a training script gets without capturing by hand.
 
     python benchmarks/graph_step.py [--shapes affmae_stage1,config_3_large] [--dtypes bf16,fp32]
-                                    [--compile]
+                                    [--modes fast,det] [--compile] [--pin-cpu CORE]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -22,9 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 
+MODES = {"fast": False, "det": True}
 
-def time_case(x) -> tuple[float, float]:
-    """(eager ms, graph replay ms) of one fast-mode fwd+bwd step on inputs ``x``."""
+
+def time_case(x, deterministic: bool) -> tuple[float, float]:
+    """(eager ms, graph replay ms) of one fwd+bwd step on inputs ``x``."""
     import triton
 
     from cluster import ops
@@ -33,7 +36,7 @@ def time_case(x) -> tuple[float, float]:
         out = ops.cluster_attention(
             x.q, x.k, x.v, x.member_idx, pe_table=x.pe_table, pe_idx=x.pe_idx, mask=x.mask,
             blank_k=x.blank_k, blank_v=x.blank_v, scale=x.scale, backend="triton",
-            deterministic=False, check_indices=False)
+            deterministic=deterministic, check_indices=False)
         out.backward(x.dout)
 
     def eager():
@@ -57,8 +60,8 @@ def time_case(x) -> tuple[float, float]:
     return triton.testing.do_bench(eager, warmup=30, rep=300, return_mode="median"), replay
 
 
-def time_compiled(x) -> float:
-    """ms per fast-mode fwd+bwd step of the op under torch.compile(mode="reduce-overhead")."""
+def time_compiled(x, deterministic: bool) -> float:
+    """ms per fwd+bwd step of the op under torch.compile(mode="reduce-overhead")."""
     import torch._dynamo
     import triton
 
@@ -70,7 +73,7 @@ def time_compiled(x) -> float:
         return ops.cluster_attention(
             q, k, v, x.member_idx, pe_table=pe_table, pe_idx=x.pe_idx, mask=x.mask,
             blank_k=blank_k, blank_v=blank_v, scale=x.scale, backend="triton",
-            deterministic=False, check_indices=False)
+            deterministic=deterministic, check_indices=False)
 
     compiled = torch.compile(attn, mode="reduce-overhead", fullgraph=True)
 
@@ -89,24 +92,35 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="affmae_stage1,config_3_large,aff_tiny_stage2")
     p.add_argument("--dtypes", default="bf16,fp16,fp32")
+    p.add_argument("--modes", default="fast,det", help="comma-separated subset of fast,det")
+    p.add_argument("--pin-cpu", type=int, default=None, metavar="CORE",
+                   help="run the process on this one CPU core (as bench.py --pin-cpu)")
     p.add_argument("--compile", action="store_true",
                    help='also time the step under torch.compile(mode="reduce-overhead")')
     opt = p.parse_args(argv)
+    modes = opt.modes.split(",")
+    if unknown := sorted(set(modes) - set(MODES)):
+        p.error(f"--modes: unknown {unknown}; expected a subset of {sorted(MODES)}")
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
+    if opt.pin_cpu is not None:
+        os.sched_setaffinity(0, {opt.pin_cpu})  # before the autograd engine's threads start
     dev = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
-          f"commit {bench.git_state()[0][:12]}", flush=True)
+          f"commit {bench.git_state()[0][:12]}, CPU cores {sorted(os.sched_getaffinity(0))}",
+          flush=True)
     for shape in opt.shapes.split(","):
         base = bench.build_inputs(bench.SHAPES[shape], dev)
         for name in opt.dtypes.split(","):
             x = base.cast(bench.DTYPES[bench.DTYPE_ALIASES.get(name, name)], True)
-            eager_ms, graph_ms = time_case(x)
-            line = (f"{shape} {name} fast fwd+bwd: eager {eager_ms:.3f} ms, "
-                    f"CUDA graph replay {graph_ms:.3f} ms")
-            if opt.compile:
-                line += f", torch.compile reduce-overhead {time_compiled(x):.3f} ms"
-            print(line, flush=True)
+            for mode in modes:
+                eager_ms, graph_ms = time_case(x, MODES[mode])
+                line = (f"{shape} {name} {mode} fwd+bwd: eager {eager_ms:.3f} ms, "
+                        f"CUDA graph replay {graph_ms:.3f} ms")
+                if opt.compile:
+                    line += (f", torch.compile reduce-overhead "
+                             f"{time_compiled(x, MODES[mode]):.3f} ms")
+                print(line, flush=True)
     return 0
 
 
