@@ -112,8 +112,11 @@ def main(argv=None) -> int:
     for shape in opt.shapes.split(","):
         base = bench.build_inputs(bench.SHAPES[shape], dev)
         for name in opt.dtypes.split(","):
-            x = base.cast(bench.DTYPES[bench.DTYPE_ALIASES.get(name, name)], True)
+            dtype = bench.DTYPES[bench.DTYPE_ALIASES.get(name, name)]
             for mode in modes:
+                # Fresh leaves per mode: the compiled step's AccumulateGrad nodes, kept alive
+                # by the leaves, sit on the default stream and broke the next mode's capture.
+                x = base.cast(dtype, True)
                 eager_ms, graph_ms = time_case(x, MODES[mode])
                 line = (f"{shape} {name} {mode} fwd+bwd: eager {eager_ms:.3f} ms, "
                         f"CUDA graph replay {graph_ms:.3f} ms")
