@@ -305,14 +305,103 @@ def _dpe_replicas(T: int, H: int, acc_dtype: torch.dtype) -> int:
     return max(1, min(_DPE_MAX_REPLICAS, _DPE_REPLICA_BYTES // max(1, per_copy)))
 
 
-def _dpe_fixed_amax(dout: torch.Tensor, v: torch.Tensor, blank_v: torch.Tensor | None):
-    """max |dout| and max |v| (blank included), 0-d tensors on the device, for the scale of
-    the deterministic d_pe_table's fixed-point sums, which the query-side kernel derives
-    (``_dpe_fixed_scale``): no sync, two or three reductions."""
-    amax_v = torch.linalg.vector_norm(v, ord=math.inf)
-    if blank_v is not None:
-        amax_v = torch.maximum(amax_v, torch.linalg.vector_norm(blank_v, ord=math.inf))
-    return torch.linalg.vector_norm(dout, ord=math.inf), amax_v
+@triton.jit
+def _amax_tile(X, b, h, offs_n, offs_d, ok, sxb, sxh, sxn):
+    """Bits of the largest |x| of a [rows, D] tile of x[b, h]: float32 bit patterns of
+    non-negative values order as the values, with NaN above inf (so a NaN wins, as it
+    does in torch's norm)."""
+    x = tl.load(X + b * sxb + h * sxh + offs_n[:, None] * sxn + offs_d[None, :], mask=ok,
+                other=0.0)
+    return tl.max(tl.max(tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True), 1), 0)
+
+
+@triton.jit
+def _dpe_amax_kernel(DO, V, BV, AMAX, H, N, D, sdob, sdoh, sdon, svb, svh, svn, sbvh,
+                     HAS_BLANK: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """AMAX[0] = max |dout|, AMAX[1] = max |v| (blank_v's rows included), as float32 bits
+    maxed by integer atomics into a zeroed buffer: exact in any order. Program (i, b*H+h)
+    reads rows i*ROWS .. of head h of batch b."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_do = tl.zeros([], tl.int32)
+    m_v = tl.zeros([], tl.int32)
+    for n0 in range(pid * ROWS, tl.minimum(pid * ROWS + ROWS, N), BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        ok = (offs_n[:, None] < N) & d_ok[None, :]
+        m_do = tl.maximum(m_do, _amax_tile(DO, b, h, offs_n, offs_d, ok, sdob, sdoh, sdon))
+        m_v = tl.maximum(m_v, _amax_tile(V, b, h, offs_n, offs_d, ok, svb, svh, svn))
+    if HAS_BLANK:
+        if (pid == 0) & (bh == 0):
+            rows = tl.arange(0, BLOCK_N)
+            for h0 in range(0, H, BLOCK_N):
+                ok = (h0 + rows[:, None] < H) & d_ok[None, :]
+                m_v = tl.maximum(m_v, _amax_tile(BV, 0, 0, h0 + rows, offs_d, ok, 0, 0, sbvh))
+    tl.atomic_max(AMAX, m_do, sem="relaxed")
+    tl.atomic_max(AMAX + 1, m_v, sem="relaxed")
+
+
+# Rows of one head per program of _dpe_amax_kernel (64 a tile): 256-1024 programs at the
+# AFF shapes, enough loads in flight, and two atomics per program on two addresses.
+_AMAX_ROWS = 512
+
+
+def _dpe_fixed_amax(dout: torch.Tensor, v: torch.Tensor, blank_v: torch.Tensor | None,
+                    amax: torch.Tensor) -> None:
+    """max |dout| and max |v| (blank included) into ``amax`` (2 zeroed float32, on the
+    device), for the scale of the deterministic d_pe_table's fixed-point sums, which the
+    query-side kernel derives (``_dpe_fixed_scale``): no sync, one launch where torch took
+    three norms and a maximum. dout and v are [B, H, N, D] with unit last stride."""
+    B, H, N, D = v.shape
+    has_blank = blank_v is not None
+    bv = blank_v if has_blank else v
+    block_n = 64
+    _dpe_amax_kernel[(triton.cdiv(N, _AMAX_ROWS), B * H)](
+        dout, v, bv, amax.view(torch.int32), H, N, D,
+        dout.stride(0), dout.stride(1), dout.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        bv.stride(0) if has_blank else 0, HAS_BLANK=has_blank, ROWS=_AMAX_ROWS,
+        BLOCK_N=block_n, BLOCK_D=max(16, _np2(D)), num_warps=4)
+
+
+@triton.jit
+def _dpe_finish_kernel(DPE, SCALE, OUT, n_rep, TH, FIXED: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """OUT (float32 or float64) = the sum of d_pe_table's replicas DPE [n_rep, T*H], in
+    replica order. FIXED: int64 fixed-point sums (exact), then one division in float64 by
+    the scale the query-side kernel stored (S = 0, non-finite inputs: inf / NaN)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < TH
+    acc = tl.load(DPE + offs, mask=ok, other=0)
+    for r in range(1, n_rep):
+        acc += tl.load(DPE + r * TH + offs, mask=ok, other=0)
+    if FIXED:
+        acc = acc.to(tl.float64) / tl.load(SCALE).to(tl.float64)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
+_FINISH_BLOCK = 512
+
+
+def _dpe_finish(dpe: torch.Tensor, dpe_scale: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+    """d_pe_table [T, H] from its replicas ``dpe`` [n_rep, T, H] (float sums, or int64
+    fixed point with ``dpe_scale``) in ``dtype`` if that is float32 or float64, else in
+    float32 for the caller to cast: one launch for the sum, the scaling and the cast, where
+    torch took two (fast mode) or four (deterministic). 16-bit tables keep torch's cast:
+    the interpreter's float32 -> bfloat16 conversion truncates (the GPU's rounds)."""
+    n_rep, T, H = dpe.shape
+    if dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32
+    out = torch.empty((T, H), dtype=dtype, device=dpe.device)
+    fixed = dpe_scale is not None
+    _dpe_finish_kernel[(triton.cdiv(T * H, _FINISH_BLOCK),)](
+        dpe, dpe_scale if fixed else dpe, out, n_rep, T * H, FIXED=fixed,
+        BLOCK=_FINISH_BLOCK)
+    return out
 
 
 def _sort_key_dtype(n_keys: int) -> torch.dtype:
@@ -1650,21 +1739,26 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             n_sums = n_rep * T * H
     # Everything that starts at zero, in one buffer: d_pe_table's replicas, the group-level
     # map's counts and flags, the fast mode's token-level counts.
+    # The deterministic d_pe_table's max |dout|, max |v| and scale: 3 more float32.
+    fixed = dpe_mode == 3
     zeroed = _zeroed(dev, (n_sums, sum_dtype),
                      (_group_map_words(B, N) if kv_group is not None else 0, torch.int32),
-                     (B * (N + 1) if compute_kv and not deterministic else 0, torch.int32))
+                     (B * (N + 1) if compute_kv and not deterministic else 0, torch.int32),
+                     (3 if fixed else 0, torch.float32))
     if n_sums:
         dpe = zeroed[0].view(n_rep, T, H)
-        if deterministic:
-            amax_do, amax_v = _dpe_fixed_amax(dout, v, blank_v if has_blank else None)
-            dpe_scale = torch.empty(1, dtype=torch.float32, device=dev)
-            log2_c = math.log2(4.0 * D * B * H * N)
+    if fixed:
+        amax = zeroed[3]
+        amax_do, amax_v, dpe_scale = amax[0:1], amax[1:2], amax[2:3]
+        log2_c = math.log2(4.0 * D * B * H * N)
     if has_blank:
         dbk_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
         dbv_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
     else:
         dbk_part = dbv_part = delta
     with _device_guard(q):
+        if fixed:
+            _dpe_fixed_amax(dout, v, bv if has_blank else None, amax[0:2])
         q_args = (
             q, k, v, out, dout, lse, delta, dq, idx, pe_idx, mask_u8, pe_t, bk, bv,
             dpe if dpe is not None else delta, dsbuf if dsbuf is not None else delta,
@@ -1737,11 +1831,8 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             dk = q.new_empty(0, dtype=k.dtype)
             dv = q.new_empty(0, dtype=v.dtype)
 
-        if dpe_mode == 1:
-            dpe = dpe.sum(0)
-        if dpe_mode == 3:
-            # int64 replicas add up exactly; S = 0 (non-finite inputs) gives NaN / inf.
-            dpe = dpe.sum(0).double().div_(dpe_scale)
+        if dpe_mode in (1, 3):
+            dpe = _dpe_finish(dpe, dpe_scale, pe_table.dtype)
         if dpe_mode == 2:
             dpe = _pe_grad_deterministic(dsbuf, pe_idx, mask_b, T, H, acc)
     dpe = dpe.to(pe_table.dtype) if dpe is not None else q.new_empty(0)

@@ -464,6 +464,57 @@ def test_deterministic_pe_grad_zero_and_nonfinite():
     assert torch.isnan(ref_g["pe_table"]).any() and torch.isnan(g["pe_table"]).any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dpe_fixed_amax_is_torchs_max(dtype, monkeypatch):
+    # The fixed-point scale's max |dout| and max |v| come from one kernel (integer atomics
+    # on float bits): strided heads, row ranges of several programs, the blank's rows, a
+    # NaN, and the largest value in the last row or the blank must all be seen.
+    monkeypatch.setattr(tk, "_AMAX_ROWS", 64)
+    g = torch.Generator().manual_seed(41)
+    B, H, N, D = 2, 3, 150, 24
+    dout = torch.randn(B, N, H, D, generator=g).to(dtype).to(_DEV).transpose(1, 2)
+    v = torch.randn(B, H, N, D, generator=g).to(dtype).to(_DEV)
+    blank_v = torch.randn(H, D, generator=g).to(dtype).to(_DEV)
+    dout[1, 2, N - 1, D - 1] = -40.0  # the last row of the last program
+    for bv, want_v in ((None, v.abs().max()), (blank_v, v.abs().max())):
+        amax = torch.zeros(2, dtype=torch.float32, device=_DEV)
+        tk._dpe_fixed_amax(dout, v, bv, amax)
+        assert amax[0].item() == 40.0 and amax[1].item() == float(want_v)
+    blank_v[2, 5] = 75.0
+    amax = torch.zeros(2, dtype=torch.float32, device=_DEV)
+    tk._dpe_fixed_amax(dout, v, blank_v, amax)
+    assert amax.tolist() == [40.0, 75.0]
+    v[0, 1, 77, 3] = float("nan")
+    amax.zero_()
+    tk._dpe_fixed_amax(dout, v, blank_v, amax)
+    assert amax[0].item() == 40.0 and torch.isnan(amax[1])
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["float", "fixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dpe_finish_sums_the_replicas(fixed, dtype):
+    # d_pe_table's replicas are summed and scaled (fixed point) by one kernel: it must give
+    # what torch's sum and division give, over several programs; 16-bit tables come back
+    # in float32 (the caller casts).
+    g = torch.Generator().manual_seed(42)
+    n_rep, T, H = 5, 211, 3
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    if fixed:
+        dpe = torch.randint(-2**40, 2**40, (n_rep, T, H), generator=g).to(_DEV)
+        scale = torch.tensor([2.0**20], device=_DEV)
+        want = dpe.sum(0).double().div_(scale).to(out_dtype)
+    else:
+        dpe = torch.randn(n_rep, T, H, generator=g, dtype=out_dtype).to(_DEV)
+        scale = None
+        want = dpe.sum(0)
+    got = tk._dpe_finish(dpe, scale, dtype)
+    assert got.dtype == out_dtype and got.shape == (T, H)
+    if fixed:
+        assert torch.equal(got, want)  # exact int64 sums, then the same roundings
+    else:  # float sums in another order
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 def test_deterministic_follows_torch_setting():
     # ops passes deterministic=None as torch's global setting; the op must honour it.
     case = make_case(1, 2, 20, 8, 6, seed=14)
