@@ -391,8 +391,11 @@ def _dpe_finish(dpe: torch.Tensor, dpe_scale: torch.Tensor | None,
     """d_pe_table [T, H] from its replicas ``dpe`` [n_rep, T, H] (float sums, or int64
     fixed point with ``dpe_scale``) in ``dtype`` if that is float32 or float64, else in
     float32 for the caller to cast: one launch for the sum, the scaling and the cast, where
-    torch took two (fast mode) or four (deterministic). 16-bit tables keep torch's cast:
-    the interpreter's float32 -> bfloat16 conversion truncates (the GPU's rounds)."""
+    torch took four. 16-bit tables keep torch's cast: the interpreter's float32 -> bfloat16
+    conversion truncates (the GPU's rounds). The fast mode keeps torch's ``sum(0)``: one
+    program walks all replicas of its columns in turn, which took 12 us more GPU time than
+    torch's reduction at config_3_large (128 replicas; H200,
+    results/dpe-finish-ab-h200-2026-11-29.log)."""
     n_rep, T, H = dpe.shape
     if dtype not in (torch.float32, torch.float64):
         dtype = torch.float32
@@ -1831,7 +1834,9 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             dk = q.new_empty(0, dtype=k.dtype)
             dv = q.new_empty(0, dtype=v.dtype)
 
-        if dpe_mode in (1, 3):
+        if dpe_mode == 1:
+            dpe = dpe.sum(0)
+        if dpe_mode == 3:
             dpe = _dpe_finish(dpe, dpe_scale, pe_table.dtype)
         if dpe_mode == 2:
             dpe = _pe_grad_deterministic(dsbuf, pe_idx, mask_b, T, H, acc)
