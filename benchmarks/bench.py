@@ -564,8 +564,7 @@ def run_shape(ctx, kind: str, shape: str, dims: tuple, dtype_names, oom_at=None)
                 else:
                     keep = smoke or (mode == "fwd" and dtype == torch.float32 and opt.errors)
                     results[mode] = measure(ctx, name, attn, x, mode, rec, keep, timers)
-                    if rec["status"] == "oom" and oom_at is not None:
-                        oom_at[(name, mode)] = dims[1]
+                    _note_oom(rec, oom_at)
                     if keep and results[mode] is not None and mode == "fwd":
                         add_error(rec, results[mode][0], ref())
                 if smoke and rec["status"] in ("ok", "pending"):
@@ -577,10 +576,17 @@ def run_shape(ctx, kind: str, shape: str, dims: tuple, dtype_names, oom_at=None)
             pending = [rec for rec, *_ in timers]
             time_rounds(ctx, timers)
             for rec in pending:
+                _note_oom(rec, oom_at)  # an OOM in the rounds stops the sweep too
                 progress(rec)
         del x, timers
         free_memory(device)
     return records
+
+
+def _note_oom(rec: dict, oom_at: dict | None) -> None:
+    """The sweep's record of where each (backend, mode) first ran out of memory."""
+    if rec["status"] == "oom" and oom_at is not None:
+        oom_at.setdefault((rec["backend"], rec["mode"]), rec["N"])
 
 
 def add_error(rec: dict, out: torch.Tensor, ref) -> None:

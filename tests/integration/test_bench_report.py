@@ -76,3 +76,31 @@ def test_rounds_interleave_the_cases():
         assert rec["status"] == "ok" and len(rec["round_ms"]) == 3 and rec["reps"] == 3
         assert abs(rec["time_ms"] - sorted(rec["round_ms"])[1]) < 1e-3
     assert timers == []
+
+
+def test_rounds_oom_stops_the_sweep():
+    # A case that runs out of memory while timed in rounds is recorded as "oom" (the others
+    # keep their times), and the sweep's larger N then skip that backend and mode.
+    import types
+
+    import torch
+
+    opt = types.SimpleNamespace(rounds=2, smoke_reps=2)
+    ctx = {"device": torch.device("cpu"), "opt": opt, "bandwidth": 1e10}
+    dims = (8, 4096, 64, 2, 48)
+
+    def oom():
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    timers = []
+    for name, step in (("triton", lambda: None), ("reference", oom)):
+        rec = bench.base_record("sweep", "sweep_N4096", dims, name, "float16", "fwd+bwd")
+        rec["status"] = "pending"
+        timers.append((rec, step, [], None))
+    recs = [t[0] for t in timers]
+    bench.time_rounds(ctx, timers)
+    assert [r["status"] for r in recs] == ["ok", "oom"]
+    oom_at = {}
+    for rec in recs:
+        bench._note_oom(rec, oom_at)
+    assert oom_at == {("reference", "fwd+bwd"): 4096}
