@@ -1741,8 +1741,8 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             n_rep = _dpe_replicas(T, H, sum_dtype)
             n_sums = n_rep * T * H
     # Everything that starts at zero, in one buffer: d_pe_table's replicas, the group-level
-    # map's counts and flags, the fast mode's token-level counts.
-    # The deterministic d_pe_table's max |dout|, max |v| and scale: 3 more float32.
+    # map's counts and flags, the fast mode's token-level counts, and the deterministic
+    # d_pe_table's max |dout| and max |v| (atomic maxima from 0) and scale.
     fixed = dpe_mode == 3
     zeroed = _zeroed(dev, (n_sums, sum_dtype),
                      (_group_map_words(B, N) if kv_group is not None else 0, torch.int32),
