@@ -139,6 +139,9 @@ def _maxnreg(kernel: str, dtype: torch.dtype) -> int | None:
 # Triton releases whose JIT launch path _Launch reproduces and that a GPU has checked it on
 # (the GPU suite sends every launch through it). Other releases take the JIT path.
 _LAUNCH_TRITON = ((3, 6),)
+# Keys kept per kernel. Each shape's strides and sizes are in its keys, so a workload whose
+# shapes keep changing would grow the cache without end; past this many it starts over.
+_LAUNCH_KEYS = 256
 
 
 class _Launch:
@@ -159,8 +162,8 @@ class _Launch:
     JIT returned for the first runs the second, with the same arguments in the same order.
     A key not seen yet goes through the JIT, which compiles (or finds) and launches.
     The JIT path stays in use under the interpreter, on other Triton releases, while a
-    launch hook is set (profilers read them), and for kernels that read global variables
-    (whose values the JIT checks at every launch).
+    launch hook is set (profilers read them), for grids given as functions, and for kernels
+    that read global variables (whose values the JIT checks at every launch).
     """
 
     def __init__(self, fn):
@@ -173,6 +176,8 @@ class _Launch:
         self.enabled = not _INTERPRET and _TRITON_RELEASE in _LAUNCH_TRITON
 
     def __getattr__(self, name):
+        if name == "fn":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
         return getattr(self.fn, name)
 
     def __getitem__(self, grid):
@@ -180,8 +185,8 @@ class _Launch:
 
     def run(self, grid, args, options):
         runtime = triton.knobs.runtime
-        if not self.enabled or _hooked(runtime.launch_enter_hook) or _hooked(
-                runtime.launch_exit_hook):
+        if (not self.enabled or callable(grid) or _hooked(runtime.launch_enter_hook)
+                or _hooked(runtime.launch_exit_hook)):
             return self.fn[grid](*args, **options)
         names, defaults = self.names, self.defaults
         full = list(args)
@@ -207,6 +212,8 @@ class _Launch:
             kernel = self.fn[grid](*args, **options)
             if (kernel is not None and not hasattr(kernel, "result")
                     and not self.fn.used_global_vals):
+                if len(self.kernels) >= _LAUNCH_KEYS:
+                    self.kernels.clear()
                 self.kernels[key] = kernel
             return kernel
         n = len(grid)

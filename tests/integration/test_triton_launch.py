@@ -132,6 +132,26 @@ def test_any_specialisation_change_goes_through_the_jit(launch, change):
     assert _kinds(log)[-1] == "replay"
 
 
+def test_the_cache_stays_bounded(launch, monkeypatch):
+    # Shapes that keep changing must not grow the cache without end.
+    wrapped, log = launch
+    monkeypatch.setattr(tk, "_LAUNCH_KEYS", 4)
+    x = torch.zeros(8)
+    for n in range(10):
+        wrapped[(1,)](x, x, n + 2, 1.0, FLAG=False)
+        assert len(wrapped.kernels) <= 4
+    wrapped[(1,)](x, x, 11, 1.0, FLAG=False)  # the latest key is still there
+    assert _kinds(log) == ["jit"] * 10 + ["replay"]
+
+
+def test_grid_functions_take_the_jit(launch):
+    wrapped, log = launch
+    x = torch.zeros(8)
+    for _ in range(2):
+        wrapped[lambda meta: (1,)](x, x, 1, 1.0, FLAG=False)
+    assert _kinds(log) == ["jit", "jit"]
+
+
 def test_kernels_reading_globals_always_take_the_jit(launch):
     wrapped, log = launch
     wrapped.fn.used_global_vals = {("G", 0): (1, {})}
