@@ -26,18 +26,27 @@ import bench  # noqa: E402
 MODES = {"fast": False, "det": True}
 
 
+def attention(x, deterministic: bool):
+    """The op on ``x``'s index tensors, taking the six leaves (q, k, v, pe_table, blank_k,
+    blank_v) as arguments: the eager step passes x's, the compiled step its graph inputs."""
+    from cluster import ops
+
+    def attn(q, k, v, pe_table, blank_k, blank_v):
+        return ops.cluster_attention(
+            q, k, v, x.member_idx, pe_table=pe_table, pe_idx=x.pe_idx, mask=x.mask,
+            blank_k=blank_k, blank_v=blank_v, scale=x.scale, backend="triton",
+            deterministic=deterministic, check_indices=False)
+    return attn
+
+
 def time_case(x, deterministic: bool) -> tuple[float, float]:
     """(eager ms, graph replay ms) of one fwd+bwd step on inputs ``x``."""
     import triton
 
-    from cluster import ops
+    attn = attention(x, deterministic)
 
     def step():
-        out = ops.cluster_attention(
-            x.q, x.k, x.v, x.member_idx, pe_table=x.pe_table, pe_idx=x.pe_idx, mask=x.mask,
-            blank_k=x.blank_k, blank_v=x.blank_v, scale=x.scale, backend="triton",
-            deterministic=deterministic, check_indices=False)
-        out.backward(x.dout)
+        attn(*x.leaves()).backward(x.dout)
 
     def eager():
         for t in x.leaves():
@@ -65,17 +74,9 @@ def time_compiled(x, deterministic: bool) -> float:
     import torch._dynamo
     import triton
 
-    from cluster import ops
-
     torch._dynamo.reset()
-
-    def attn(q, k, v, pe_table, blank_k, blank_v):
-        return ops.cluster_attention(
-            q, k, v, x.member_idx, pe_table=pe_table, pe_idx=x.pe_idx, mask=x.mask,
-            blank_k=blank_k, blank_v=blank_v, scale=x.scale, backend="triton",
-            deterministic=deterministic, check_indices=False)
-
-    compiled = torch.compile(attn, mode="reduce-overhead", fullgraph=True)
+    compiled = torch.compile(attention(x, deterministic), mode="reduce-overhead",
+                             fullgraph=True)
 
     def step():
         torch.compiler.cudagraph_mark_step_begin()

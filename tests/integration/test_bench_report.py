@@ -54,23 +54,30 @@ def test_markdown_and_log_without_gpu_time(capsys):
     assert f"GPU 0.250 ms x{gpu['gpu_x_floor']:.2f}" in capsys.readouterr().out
 
 
-def test_rounds_interleave_the_cases():
-    # --rounds: the pending cases of one shape and dtype take turns, round by round, and a
-    # case's time is the median of its rounds' medians.
+def _rounds_ctx(rounds):
+    """time_rounds' context on the CPU: ``rounds`` rounds, 2 reps in all per case."""
     import types
 
     import torch
 
-    opt = types.SimpleNamespace(rounds=3, smoke_reps=2)
-    ctx = {"device": torch.device("cpu"), "opt": opt, "bandwidth": 1e10}
-    calls, timers = [], []
-    for name in ("triton", "cuda"):
-        rec = bench.base_record("shape", "affmae_stage1", bench.SHAPES["affmae_stage1"], name,
-                                "float16", "fwd")
-        rec["status"] = "pending"
-        timers.append((rec, lambda name=name: calls.append(name), [], None))
+    opt = types.SimpleNamespace(rounds=rounds, smoke_reps=2)
+    return {"device": torch.device("cpu"), "opt": opt, "bandwidth": 1e10}
+
+
+def _pending(kind, shape, dims, name, dtype, mode, step):
+    rec = bench.base_record(kind, shape, dims, name, dtype, mode)
+    rec["status"] = "pending"
+    return (rec, step, [], None)
+
+
+def test_rounds_interleave_the_cases():
+    # --rounds: the pending cases of one shape and dtype take turns, round by round, and a
+    # case's time is the median of its rounds' medians.
+    calls = []
+    timers = [_pending("shape", "affmae_stage1", bench.SHAPES["affmae_stage1"], name, "float16",
+                       "fwd", lambda name=name: calls.append(name)) for name in ("triton", "cuda")]
     recs = [t[0] for t in timers]
-    bench.time_rounds(ctx, timers)
+    bench.time_rounds(_rounds_ctx(3), timers)
     assert calls == ["triton", "cuda"] * 3  # one rep per round (ceil(2 / 3))
     for rec in recs:
         assert rec["status"] == "ok" and len(rec["round_ms"]) == 3 and rec["reps"] == 3
@@ -81,26 +88,36 @@ def test_rounds_interleave_the_cases():
 def test_rounds_oom_stops_the_sweep():
     # A case that runs out of memory while timed in rounds is recorded as "oom" (the others
     # keep their times), and the sweep's larger N then skip that backend and mode.
-    import types
-
-    import torch
-
-    opt = types.SimpleNamespace(rounds=2, smoke_reps=2)
-    ctx = {"device": torch.device("cpu"), "opt": opt, "bandwidth": 1e10}
     dims = (8, 4096, 64, 2, 48)
 
     def oom():
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    timers = []
-    for name, step in (("triton", lambda: None), ("reference", oom)):
-        rec = bench.base_record("sweep", "sweep_N4096", dims, name, "float16", "fwd+bwd")
-        rec["status"] = "pending"
-        timers.append((rec, step, [], None))
+    timers = [_pending("sweep", "sweep_N4096", dims, name, "float16", "fwd+bwd", step)
+              for name, step in (("triton", lambda: None), ("reference", oom))]
     recs = [t[0] for t in timers]
-    bench.time_rounds(ctx, timers)
+    bench.time_rounds(_rounds_ctx(2), timers)
     assert [r["status"] for r in recs] == ["ok", "oom"]
     oom_at = {}
     for rec in recs:
         bench._note_oom(rec, oom_at)
     assert oom_at == {("reference", "fwd+bwd"): 4096}
+
+
+def test_graph_step_attention_takes_the_leaves_it_is_given():
+    # graph_step's eager and compiled steps share one builder: the op must run on the
+    # leaves passed in (a compiled graph's inputs), not on the Inputs' own tensors.
+    import os
+
+    import torch
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        import pytest
+        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
+    import graph_step
+
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    x = bench.build_inputs(bench.SMOKE_SHAPE[1], dev).cast(torch.float32, True)
+    leaves = [t.detach().clone().requires_grad_() for t in x.leaves()]
+    graph_step.attention(x, False)(*leaves).backward(x.dout)
+    assert all(t.grad is not None for t in leaves)
+    assert all(t.grad is None for t in x.leaves())
