@@ -237,6 +237,15 @@ def test_group_shared_lists_low_precision(dtype, stray_every):
     assert ok, f"err {err:.3e} > bound {bound:.3e}"
 
 
+def test_cdiv_is_tritons():
+    # The launch grids use a plain-Python ceil division (triton.cdiv is a constexpr
+    # function, slow on the host); it must agree with Triton's for every size, 0 included.
+    import triton
+    for a in (0, 1, 7, 8, 9, 63, 64, 65, 2**31 + 3):
+        for b in (1, 8, 64, 1024):
+            assert tk._cdiv(a, b) == triton.cdiv(a, b)
+
+
 def test_head_groups(monkeypatch):
     # On a GPU small grids split the heads over programs; force the split here.
     case = make_case(1, 3, 30, 12, 10, seed=7, device=_DEV)
