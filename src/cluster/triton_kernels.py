@@ -162,8 +162,9 @@ class _Launch:
     JIT returned for the first runs the second, with the same arguments in the same order.
     A key not seen yet goes through the JIT, which compiles (or finds) and launches.
     The JIT path stays in use under the interpreter, on other Triton releases, while a
-    launch hook is set (profilers read them), for grids given as functions, and for kernels
-    that read global variables (whose values the JIT checks at every launch).
+    launch hook or one of the kernel's pre-run hooks is set (profilers, instrumentation),
+    for grids given as functions, and for kernels that read global variables (whose values
+    the JIT checks at every launch).
     """
 
     def __init__(self, fn):
@@ -186,7 +187,7 @@ class _Launch:
     def run(self, grid, args, options):
         runtime = triton.knobs.runtime
         if (not self.enabled or callable(grid) or _hooked(runtime.launch_enter_hook)
-                or _hooked(runtime.launch_exit_hook)):
+                or _hooked(runtime.launch_exit_hook) or getattr(self.fn, "pre_run_hooks", None)):
             return self.fn[grid](*args, **options)
         names, defaults = self.names, self.defaults
         full = list(args)

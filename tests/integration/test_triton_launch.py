@@ -170,6 +170,16 @@ def test_a_launch_hook_sends_launches_through_the_jit(launch, monkeypatch):
     assert _kinds(log) == ["jit", "jit"]
 
 
+def test_a_pre_run_hook_sends_launches_through_the_jit(launch):
+    # The JIT calls a kernel's pre-run hooks at every launch; a replay would skip them.
+    wrapped, log = launch
+    x = torch.zeros(8)
+    wrapped[(1,)](x, x, 1, 1.0, FLAG=False)
+    wrapped.fn.pre_run_hooks = [lambda *a, **k: None]
+    wrapped[(1,)](x, x, 1, 1.0, FLAG=False)
+    assert _kinds(log) == ["jit", "jit"]
+
+
 def test_hook_detection():
     class Chain:
         def __init__(self, calls):
