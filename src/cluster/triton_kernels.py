@@ -478,9 +478,11 @@ def _dpe_finish_kernel(DPE, SCALE, OUT, n_rep, TH, BLOCK_R: tl.constexpr,
     [n_rep, T*H]: their exact sum, then one division in float64 by the scale the
     query-side kernel stored (S = 0, non-finite inputs: inf / NaN). [BLOCK_R, BLOCK] tiles
     keep BLOCK_R loads in flight per thread, where a walk of one replica at a time waited on
-    each: 3.6-4.0 us at the AFF shapes against 18-20 for the walk and 14-16 for torch's sum,
-    division and cast (H200; results/dpe-finish-sweep-h200-2026-11-29.log, where
-    [16 x 256] tiles took 41 us at 128 replicas). Integer sums: any order gives the same
+    each: 3.6-4.0 us at config_3_large, affmae_stage1 and both aff_tiny shapes against 18-20
+    for the walk and 14-16 for torch's sum, division and cast (H200;
+    results/dpe-finish-sweep-h200-2026-11-29.log, where [16 x 256] tiles took 41 us at 128
+    replicas; at highres, 16 replicas, this tile's time was not printed, only that of the
+    best eight, 3.6-3.8 us). Integer sums: any order gives the same
     bits."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < TH
