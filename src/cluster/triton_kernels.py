@@ -381,9 +381,9 @@ def _head_groups(n_blocks: int, B: int, H: int, device: torch.device,
     have = n_blocks * B
     if have >= target:
         return H, 1
-    hpg = -(-H // min(H, -(-target // have)))
-    hpg = -(-hpg // step) * step
-    return hpg, -(-H // hpg)
+    hpg = _cdiv(H, min(H, _cdiv(target, have)))
+    hpg = _cdiv(hpg, step) * step
+    return hpg, _cdiv(H, hpg)
 
 
 def _device_guard(t: torch.Tensor):
@@ -603,7 +603,7 @@ def _zeroed(device: torch.device, *sizes: tuple[int, torch.dtype]) -> list[torch
     view or a slice only where a part needs it: each costs 2-3 us of host time, and cutting
     every part with two slices and a view took 50 us per backward where this takes 20 (CPU
     tensors on the 2-core machine; views cost the host the same for CUDA tensors)."""
-    words = [-(-n * dt.itemsize // 8) for n, dt in sizes]  # 8-byte aligned parts
+    words = [_cdiv(n * dt.itemsize, 8) for n, dt in sizes]  # 8-byte aligned parts
     buf = torch.zeros(sum(words), dtype=torch.int64, device=device)
     parts = []
     for (n, dt), piece in zip(sizes, buf.split(words)):
