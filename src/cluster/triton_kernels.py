@@ -470,50 +470,158 @@ def _dpe_fixed_amax(dout: torch.Tensor, v: torch.Tensor, blank_v: torch.Tensor |
         BLOCK_N=block_n, BLOCK_D=max(16, _np2(D)), num_warps=4)
 
 
+@triton.jit
+def _cast_to(x, ty: tl.constexpr):
+    """x (float32 or float64) in ``ty``, rounded as torch's ``.to`` rounds: 16-bit types go
+    through float32 (the order torch's sum-then-cast took), and bfloat16 is rounded to
+    nearest even by hand, because the interpreter's own conversion truncates (the GPU's
+    rounds) and the CPU suite must see the GPU's bits."""
+    if (ty == tl.bfloat16) or (ty == tl.float16):
+        x = x.to(tl.float32)
+    if ty == tl.bfloat16:
+        b = x.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(x != x, (b >> 16) | 0x40, r)  # NaN stays NaN (rounding could make inf)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(ty)
+
+
+@triton.jit
+def _column_sums(SRC, start, end, cols, c_ok, stride, BLOCK_R: tl.constexpr,
+                 BLOCK_C: tl.constexpr, ACC: tl.constexpr, CACHE: tl.constexpr):
+    """Sums of rows [start, end) of SRC (row stride ``stride``) over columns ``cols``, in
+    [BLOCK_R, BLOCK_C] tiles: BLOCK_R loads in flight per column, a fixed order."""
+    rows = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC)
+    for r0 in range(start, end, BLOCK_R):
+        r = r0 + rows
+        acc += tl.load(SRC + r.to(tl.int64)[:, None] * stride + cols[None, :],
+                       mask=(r < end)[:, None] & c_ok[None, :], other=0,
+                       cache_modifier=CACHE).to(ACC)
+    return tl.sum(acc, 0)
+
+
 @_Launch
 @triton.jit
-def _dpe_finish_kernel(DPE, SCALE, OUT, n_rep, TH, BLOCK_R: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    """OUT (float32 or float64) = d_pe_table from its int64 fixed-point replicas DPE
-    [n_rep, T*H]: their exact sum, then one division in float64 by the scale the
-    query-side kernel stored (S = 0, non-finite inputs: inf / NaN). [BLOCK_R, BLOCK] tiles
-    keep BLOCK_R loads in flight per thread, where a walk of one replica at a time waited on
-    each: 3.6-4.0 us at config_3_large, affmae_stage1 and both aff_tiny shapes against 18-20
-    for the walk and 14-16 for torch's sum, division and cast (H200;
-    results/dpe-finish-sweep-h200-2026-11-29.log, where [16 x 256] tiles took 41 us at 128
-    replicas; at highres, 16 replicas, this tile's time was not printed, only that of the
-    best eight, 3.6-3.8 us). Integer sums: any order gives the same
-    bits."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < TH
-    rows = tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_R, BLOCK), dtype=tl.int64)
-    for r0 in range(0, n_rep, BLOCK_R):
-        r = r0 + rows
-        acc += tl.load(DPE + r[:, None] * TH + offs[None, :],
-                       mask=(r < n_rep)[:, None] & ok[None, :], other=0)
-    out = tl.sum(acc, 0).to(tl.float64) / tl.load(SCALE).to(tl.float64)
-    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=ok)
+def _backward_tail_kernel(
+    DPE, SCALE, DPE_OUT, n_rep, TH, n_pe,
+    PART, SCRATCH, COUNT, DBK, DBV, R, HD, n_chunks, n_pieces, piece_rows,
+    PE_MODE: tl.constexpr, ACC: tl.constexpr, PE_ROWS: tl.constexpr, PE_BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The backward's last reductions and casts, in one launch.
+
+    Programs [0, n_pe): d_pe_table [TH] = the sum of its replicas DPE [n_rep, TH], in
+    DPE_OUT's dtype; PE_MODE 1: float replicas (the fast mode's atomics), 3: int64 fixed
+    point, then one division in float64 by the scale the query-side kernel stored (exact
+    integer sums: any order gives the same bits).
+    The other programs: dblank_k / dblank_v [HD] = column sums of the query-side kernel's
+    partial rows PART [2, R, HD] (slab 0: k, 1: v). Each (slab, column chunk) is cut into
+    n_pieces row pieces; each piece's sum goes to SCRATCH [2, n_pieces, HD], and the
+    program that finishes its chunk last (a counter in COUNT [2, n_chunks], zeroed) adds
+    the pieces in piece order. Every sum has a fixed order, so the result does not depend
+    on which program comes last: deterministic in both modes, no float atomics.
+    """
+    pid = tl.program_id(0)
+    if pid < n_pe:
+        offs = pid * PE_BLOCK + tl.arange(0, PE_BLOCK)
+        ok = offs < TH
+        if PE_MODE == 3:
+            exact = _column_sums(DPE, 0, n_rep, offs, ok, TH, PE_ROWS, PE_BLOCK, tl.int64, "")
+            val = exact.to(tl.float64) / tl.load(SCALE).to(tl.float64)
+        else:
+            val = _column_sums(DPE, 0, n_rep, offs, ok, TH, PE_ROWS, PE_BLOCK, ACC, "")
+        tl.store(DPE_OUT + offs, _cast_to(val, DPE_OUT.dtype.element_ty), mask=ok)
+    else:
+        pid -= n_pe
+        piece = pid % n_pieces
+        chunk = (pid // n_pieces) % n_chunks
+        slab = pid // (n_pieces * n_chunks)
+        cols = chunk * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = cols < HD
+        start = piece * piece_rows
+        total = _column_sums(PART + slab.to(tl.int64) * R * HD, start,
+                             tl.minimum(start + piece_rows, R), cols, c_ok, HD,
+                             BLOCK_R, BLOCK_C, ACC, "")
+        last = n_pieces == 1
+        if n_pieces > 1:
+            tl.store(SCRATCH + (slab * n_pieces + piece) * HD + cols, total, mask=c_ok)
+            # Every thread's store before the one atomic (a single thread's, with release
+            # semantics), so the program that sees the count reach n_pieces - 1 reads all
+            # pieces; its reads bypass L1, which is not coherent across SMs.
+            tl.debug_barrier()
+            done = tl.atomic_add(COUNT + slab * n_chunks + chunk, 1, sem="acq_rel",
+                                 scope="gpu")
+            last = done == n_pieces - 1
+            if last:
+                total = _column_sums(SCRATCH + slab * n_pieces * HD, 0, n_pieces, cols, c_ok,
+                                     HD, BLOCK_R, BLOCK_C, ACC, ".cg")
+        if last:
+            if slab == 0:
+                tl.store(DBK + cols, _cast_to(total, DBK.dtype.element_ty), mask=c_ok)
+            else:
+                tl.store(DBV + cols, _cast_to(total, DBV.dtype.element_ty), mask=c_ok)
 
 
-_FINISH_ROWS = 16
-_FINISH_BLOCK = 64
+# d_pe_table's tiles: [16 x 64] summed 128 int64 replicas in 3.6-4.0 us at config_3_large,
+# affmae_stage1 and both aff_tiny shapes (H200 sweep of 48 tile / warp / stage settings,
+# results/dpe-finish-sweep-h200-2026-11-29.log; [16 x 256] took 41 us, a walk of one
+# replica at a time 18-20, torch's sum + division + cast 14-16).
+_TAIL_PE_ROWS = 16
+_TAIL_PE_BLOCK = 64
+# The blank's partial rows: 4k-element tiles, at least four tiles of rows per piece (each
+# program keeps a few loads in flight, ~30-260 programs at the AFF shapes), at most 512
+# pieces (the last program of a chunk reads them all).
+_TAIL_TILE = 4096
+_TAIL_MIN_TILES = 4
+_TAIL_MAX_PIECES = 512
 
 
-def _dpe_finish(dpe: torch.Tensor, dpe_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The deterministic d_pe_table [T, H] from its int64 fixed-point replicas ``dpe``
-    [n_rep, T, H] and ``dpe_scale``, in ``dtype`` if that is float32 or float64, else in
-    float32 for the caller to cast: one launch for the sum, the scaling and the cast, where
-    torch took four. 16-bit tables keep torch's cast: the interpreter's float32 -> bfloat16
-    conversion truncates (the GPU's rounds). The fast mode's float replicas keep torch's
-    ``sum(0)`` (one launch either way for a float32 table)."""
-    n_rep, T, H = dpe.shape
-    if dtype not in (torch.float32, torch.float64):
-        dtype = torch.float32
-    out = torch.empty((T, H), dtype=dtype, device=dpe.device)
-    _dpe_finish_kernel[(_cdiv(T * H, _FINISH_BLOCK),)](
-        dpe, dpe_scale, out, n_rep, T * H, BLOCK_R=_FINISH_ROWS, BLOCK=_FINISH_BLOCK)
-    return out
+def _tail_plan(R: int, HD: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_R, BLOCK_C, n_chunks, n_pieces, piece_rows) for column sums of [R, HD]."""
+    block_c = min(_np2(HD), 128)
+    block_r = _TAIL_TILE // block_c
+    rows = max(_TAIL_MIN_TILES * block_r, _cdiv(R, _TAIL_MAX_PIECES))
+    rows = _cdiv(rows, block_r) * block_r
+    return block_r, block_c, _cdiv(HD, block_c), _cdiv(R, rows), rows
+
+
+def _backward_tail(dpe, pe_mode, dpe_scale, pe_dtype, part, scratch, count, plan, R, H, D,
+                   bk_dtype, bv_dtype, acc):
+    """d_pe_table (``pe_mode`` 1 or 3: from its replicas ``dpe`` [n_rep, T, H], else None)
+    and dblank_k / dblank_v [H, D] (``part``: the first of 2 * R * H * D contiguous partial
+    sums, else None; ``scratch`` and ``count`` as _tail_plan's ``plan`` needs) in the
+    parameters' dtypes, by one launch of _backward_tail_kernel where torch took three sums
+    and up to three casts (the deterministic mode: a launch, a cast and four ops)."""
+    dpe_out = dbk = dbv = None
+    if dpe is None and part is None:
+        return dpe_out, dbk, dbv
+    dev = (dpe if dpe is not None else part).device
+    n_rep = TH = n_pe = HD = n_blank = 0
+    if dpe is not None:
+        n_rep, T = dpe.shape[0], dpe.shape[1]
+        TH = T * H
+        n_pe = _cdiv(TH, _TAIL_PE_BLOCK)
+        dpe_out = torch.empty((T, H), dtype=pe_dtype, device=dev)
+    block_r, block_c, n_chunks, n_pieces, piece_rows = plan
+    if part is not None:
+        HD = H * D
+        dbk = torch.empty((H, D), dtype=bk_dtype, device=dev)
+        dbv = torch.empty((H, D), dtype=bv_dtype, device=dev)
+        n_blank = 2 * n_chunks * n_pieces
+    if n_pe + n_blank == 0:  # an empty table or H * D == 0: nothing to sum
+        return dpe_out, dbk, dbv
+    some = dpe_out if dpe_out is not None else dbk  # for the pointers a launch does not use
+    _backward_tail_kernel[(n_pe + n_blank,)](
+        some if dpe is None else dpe, some if dpe_scale is None else dpe_scale,
+        some if dpe_out is None else dpe_out, n_rep, TH, n_pe,
+        some if part is None else part, some if scratch is None else scratch,
+        some if count is None else count, some if dbk is None else dbk,
+        some if dbv is None else dbv, R, HD, n_chunks, n_pieces, piece_rows,
+        PE_MODE=0 if dpe is None else pe_mode, ACC=_tl_acc(acc), PE_ROWS=_TAIL_PE_ROWS,
+        PE_BLOCK=_TAIL_PE_BLOCK, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS)
+    return dpe_out, dbk, dbv
 
 
 def _sort_key_dtype(n_keys: int) -> torch.dtype:
@@ -1875,19 +1983,29 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     # map's counts and flags, the fast mode's token-level counts, and the deterministic
     # d_pe_table's max |dout| and max |v| (atomic maxima from 0) and scale.
     fixed = dpe_mode == 3
+    R = B * n_qblocks
+    plan = _tail_plan(R, H * D) if has_blank else (1, 1, 0, 0, 0)
+    n_chunks, n_pieces = plan[2], plan[3]
     zeroed = _zeroed(dev, (n_sums, sum_dtype),
                      (_group_map_words(B, N) if kv_group is not None else 0, torch.int32),
                      (B * (N + 1) if compute_kv and not deterministic else 0, torch.int32),
-                     (3 if fixed else 0, torch.float32))
+                     (3 if fixed else 0, torch.float32),
+                     (2 * n_chunks if n_pieces > 1 else 0, torch.int32))
     if n_sums:
         dpe = zeroed[0].view(n_rep, T, H)
     if fixed:
         amax = zeroed[3]
         amax_do, amax_v, dpe_scale = amax[0:1], amax[1:2], amax[2:3]
         log2_c = math.log2(4.0 * D * B * H * N)
+    part = scratch = None
     if has_blank:
-        dbk_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
-        dbv_part = torch.empty((B * n_qblocks, H, D), dtype=acc, device=dev)
+        # The query-side kernel's partial rows of dblank_k and dblank_v, and the tail's
+        # per-piece sums, from one allocation.
+        n_part = R * H * D
+        n_scratch = 2 * n_pieces * H * D if n_pieces > 1 else 0
+        dbk_part, dbv_part, scratch = torch.empty(
+            2 * n_part + n_scratch, dtype=acc, device=dev).split((n_part, n_part, n_scratch))
+        part = dbk_part  # dbv_part follows it: the tail reads them as one [2, R, H*D]
     else:
         dbk_part = dbv_part = delta
     with _device_guard(q):
@@ -1965,22 +2083,16 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             dk = q.new_empty(0, dtype=k.dtype)
             dv = q.new_empty(0, dtype=v.dtype)
 
-        if dpe_mode == 1:
-            dpe = dpe.sum(0)
-        if dpe_mode == 3:
-            dpe = _dpe_finish(dpe, dpe_scale, pe_table.dtype)
+        dpe_out, dbk, dbv = _backward_tail(
+            dpe if dpe_mode in (1, 3) else None, dpe_mode, dpe_scale,
+            pe_table.dtype if has_pe else None, part, scratch, zeroed[4], plan, R, H, D,
+            blank_k.dtype if has_blank else None, blank_v.dtype if has_blank else None, acc)
         if dpe_mode == 2:
-            dpe = _pe_grad_deterministic(dsbuf, pe_idx, mask_b, T, H, acc)
-    dpe = dpe.to(pe_table.dtype) if dpe is not None else q.new_empty(0)
-    if has_blank:
-        # Two reductions, not one over [2, R, H, D]: summing over its middle axis took ~20 MiB
-        # of temporary memory at affmae_stage1 (the step's peak), and a custom op's returns
-        # must not alias one another (torch.library checks it under torch.compile).
-        dbk = dbk_part.sum(0).to(blank_k.dtype)
-        dbv = dbv_part.sum(0).to(blank_v.dtype)
-    else:
-        dbk, dbv = q.new_empty(0), q.new_empty(0)
-    return dq, dk, dv, dpe, dbk, dbv
+            dpe_out = _pe_grad_deterministic(dsbuf, pe_idx, mask_b, T, H, acc).to(pe_table.dtype)
+    # (a custom op's returns must not alias one another: one empty tensor each)
+    return (dq, dk, dv, dpe_out if dpe_out is not None else q.new_empty(0),
+            dbk if dbk is not None else q.new_empty(0),
+            dbv if dbv is not None else q.new_empty(0))
 
 
 # =========================================================================== weighted features

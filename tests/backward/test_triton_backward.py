@@ -490,21 +490,95 @@ def test_dpe_fixed_amax_is_torchs_max(dtype, monkeypatch):
     assert amax[0].item() == 40.0 and torch.isnan(amax[1])
 
 
+def _tail(dpe=None, pe_mode=0, scale=None, pe_dtype=None, part=None, bk_dtype=None,
+          bv_dtype=None, acc=torch.float32):
+    """Run the backward's tail as _attn_backward does: part [2, R, H, D] or None."""
+    R, H, D = (part.shape[1:] if part is not None else (1, dpe.shape[2], 1))
+    plan = tk._tail_plan(R, H * D) if part is not None else (1, 1, 0, 0, 0)
+    count = scratch = None
+    if part is not None and plan[3] > 1:
+        count = torch.zeros(2 * plan[2], dtype=torch.int32, device=_DEV)
+        scratch = torch.empty(2 * plan[3] * H * D, dtype=acc, device=_DEV)
+    return tk._backward_tail(dpe, pe_mode, scale, pe_dtype,
+                             part.reshape(-1) if part is not None else None, scratch, count,
+                             plan, R, H, D, bk_dtype, bv_dtype, acc), plan
+
+
 @pytest.mark.parametrize("n_rep", [5, 37])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_dpe_finish_sums_the_replicas(n_rep, dtype):
-    # The deterministic d_pe_table's int64 replicas are summed and scaled by one kernel:
-    # it must give what torch's sum and division give, bitwise, over several programs and
-    # replica tiles; 16-bit tables come back in float32 (the caller casts).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16,
+                                   torch.float64])
+def test_tail_finishes_fixed_point_pe_grad(n_rep, dtype):
+    # The deterministic d_pe_table's int64 replicas: exact sums, one division in float64,
+    # then the table's dtype through float32, as torch's sum, division and casts give
+    # them, bitwise, over several programs and replica tiles. The first entries sit on
+    # bfloat16 / float16 ties (a truncating or round-half-up cast gets them wrong).
     g = torch.Generator().manual_seed(42)
     T, H = 211, 3
-    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    dpe = torch.randint(-2**40, 2**40, (n_rep, T, H), generator=g).to(_DEV)
+    dpe = torch.randint(-2**30, 2**30, (n_rep, T, H), generator=g)  # float16: < 65504
+    dpe[:, 0, :] = 0
+    dpe[0, 0, 0] = 2**20 + 2**12           # 1 + 2^-8: a bfloat16 tie, rounds to 1
+    dpe[0, 0, 1] = 2**20 + 3 * 2**12       # 1 + 3 * 2^-8: rounds up to 1 + 2^-6
+    dpe[0, 0, 2] = -(2**20 + 2**9)         # -(1 + 2^-11): a float16 tie
+    dpe = dpe.to(_DEV)
     scale = torch.tensor([2.0**20], device=_DEV)
-    want = dpe.sum(0).double().div_(scale).to(out_dtype)
-    got = tk._dpe_finish(dpe, scale, dtype)
-    assert got.dtype == out_dtype and got.shape == (T, H)
-    assert torch.equal(got, want)  # exact int64 sums, then the same roundings
+    mid = torch.float64 if dtype == torch.float64 else torch.float32
+    want = dpe.sum(0).double().div_(scale).to(mid).to(dtype)
+    (got, dbk, dbv), _ = _tail(dpe, 3, scale, dtype)
+    assert dbk is None and dbv is None
+    assert got.dtype == dtype and got.shape == (T, H)
+    assert torch.equal(got, want)
+    if dtype == torch.bfloat16:
+        assert got[0].tolist() == [1.0, 1.015625, -1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_tail_sums_float_pe_replicas(dtype):
+    g = torch.Generator().manual_seed(43)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    dpe = torch.randn(23, 97, 2, generator=g, dtype=acc).to(_DEV)
+    (got, _, _), _ = _tail(dpe, 1, None, dtype, acc=acc)
+    want = dpe.double().sum(0)
+    assert got.dtype == dtype
+    tol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float64: 1e-14}[dtype]
+    assert float((got.double() - want).abs().max()) <= tol * float(want.abs().max())
+
+
+@pytest.mark.parametrize("R,max_pieces", [(3, 512), (300, 512), (301, 16)])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32),
+                                    (torch.bfloat16, torch.float16),
+                                    (torch.float64, torch.float32)], ids=["f32", "16bit", "mixed"])
+def test_tail_sums_blank_partials(R, max_pieces, dtypes, monkeypatch):
+    # dblank_k / dblank_v: column sums of the query-side kernel's partial rows, cut into
+    # row pieces that the last program of a column chunk adds up (small tiles here, so 300
+    # rows make 75 pieces and two chunks, 3 rows one piece; with at most 16 pieces, 301
+    # rows make 16 longer ones); both slabs, in their own dtypes, twice with the same bits
+    # (the sums' order is fixed).
+    monkeypatch.setattr(tk, "_TAIL_TILE", 256)
+    monkeypatch.setattr(tk, "_TAIL_MIN_TILES", 2)
+    monkeypatch.setattr(tk, "_TAIL_MAX_PIECES", max_pieces)
+    g = torch.Generator().manual_seed(44 + R)
+    H, D = 3, 48  # 144 columns: two chunks of 128
+    acc = torch.float64 if torch.float64 in dtypes else torch.float32
+    part = torch.randn(2, R, H, D, generator=g, dtype=acc).to(_DEV)
+    (_, dbk, dbv), plan = _tail(part=part, bk_dtype=dtypes[0], bv_dtype=dtypes[1], acc=acc)
+    assert (plan[2] > 1 and plan[3] > 1) == (R > 3)
+    assert plan[3] == {3: 1, 300: 75, 301: 16}[R]
+    (_, dbk2, dbv2), _ = _tail(part=part, bk_dtype=dtypes[0], bv_dtype=dtypes[1], acc=acc)
+    for got, again, want, dt in ((dbk, dbk2, part[0], dtypes[0]), (dbv, dbv2, part[1], dtypes[1])):
+        want = want.double().sum(0)
+        assert got.dtype == dt and got.shape == (H, D)
+        assert torch.equal(got, again)
+        tol = {torch.float32: 1e-6, torch.float64: 1e-14}.get(dt, 1e-2)
+        assert float((got.double() - want).abs().max()) <= tol * float(want.abs().max()), dt
+
+
+def test_tail_plan_bounds():
+    for R, HD in ((1, 1), (1024, 256), (16384, 96), (32768, 64), (10**6, 3000)):
+        block_r, block_c, n_chunks, n_pieces, rows = tk._tail_plan(R, HD)
+        assert block_r * block_c == tk._TAIL_TILE and block_c >= min(HD, 128)
+        assert n_chunks * block_c >= HD and (n_chunks - 1) * block_c < HD
+        assert rows % block_r == 0 and n_pieces * rows >= R and (n_pieces - 1) * rows < R
+        assert n_pieces <= tk._TAIL_MAX_PIECES
 
 
 def test_deterministic_follows_torch_setting():
