@@ -1,0 +1,248 @@
+"""Do the triton backend's kernels build for a GPU, checked on a machine without one?
+
+The CPU suite runs the kernels under Triton's interpreter, which executes each kernel as
+Python and never compiles it: a kernel the compiler rejects (a variable with one type in an
+``if`` branch and another in the ``else``, an op the language lacks) passes every CPU test
+and fails at the first launch on a GPU. This check closes that gap:
+
+1. ``record``: small forward and backward runs of every code path (float32, bfloat16,
+   float64; with and without pe / mask / blank; fast and deterministic; the per-row and the
+   cluster-group kernels; weighted features) under the interpreter, noting each kernel
+   launch's argument types, constexpr values and launch options;
+2. ``compile``: each distinct launch compiled by Triton's front end (Python AST -> Triton IR,
+   where type errors surface; ``--full`` goes on to PTX) for a CUDA target, in a process
+   without the interpreter. No GPU is needed.
+
+``python -m cluster.build_check [--arch 90 80] [--full]`` runs both steps (each in its own
+process, since the interpreter is chosen when triton is imported) and exits non-zero if a
+kernel fails to build or is not reached by any recorded launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+# Tensor dtypes as Triton's signature strings.
+_POINTER_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
+                  "int32": "i32", "int64": "i64", "int16": "i16", "int8": "i8", "uint8": "u8",
+                  "bool": "i1"}
+
+
+def _describe(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return ["tensor", str(value.dtype).removeprefix("torch.")]
+    if isinstance(value, bool):
+        return ["bool", value]
+    if isinstance(value, int):
+        return ["int", value]
+    if isinstance(value, float):
+        return ["float", value]
+    if value is None or isinstance(value, str):
+        return ["value", value]
+    return ["tl", str(value)]  # a triton dtype passed as a constexpr
+
+
+def record(path: str) -> None:
+    """Step 1 (under TRITON_INTERPRET=1): write the distinct launches to ``path`` (JSON)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("record needs TRITON_INTERPRET=1 set before triton is imported")
+    import torch
+
+    from cluster import ops, testing
+    from cluster import triton_kernels as tk
+
+    launches: dict[str, list] = {}
+    original = tk._Launch.run
+
+    def run(self, grid, args, options):
+        fn = self.fn.fn
+        const = {n for n, p in inspect.signature(fn).parameters.items()
+                 if "constexpr" in str(p.annotation)}
+        values = {self.names[i]: _describe(a) for i, a in enumerate(args)}
+        opts = {}
+        for k, v in options.items():
+            if k in self.param_set:
+                values[k] = _describe(v)
+            else:
+                opts[k] = v
+        # Runtime integers matter to the compiler only by width: one launch per width.
+        key_values = {k: (v if k in const or v[0] != "int" else ["int", abs(v[1]) >= 2**31])
+                      for k, v in values.items()}
+        key = json.dumps([fn.__name__, key_values, opts], sort_keys=True, default=str)
+        launches.setdefault(key, [fn.__name__, values, opts])
+        return original(self, grid, args, options)
+
+    tk._Launch.run = run
+    group_defaults = dict(tk.TUNING_GROUP)
+    try:
+        for group_on in (False, True):
+            for key, warps in group_defaults.items():
+                tk.TUNING_GROUP[key] = (warps or 2) if group_on else warps
+            for dtype in (torch.float32, torch.bfloat16, torch.float64):
+                for flags in (dict(pe=True, mask=True, blank=True),
+                              dict(pe=False, mask=False, blank=False)):
+                    for deterministic in (False, True):
+                        _attention_step(ops, testing, dtype, flags, deterministic)
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(1, 24, 16, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        f = torch.randn(1, 24, 8, generator=g, dtype=torch.float64, requires_grad=True)
+        idx = torch.randint(0, 24, (1, 24, 16), generator=g)
+        ops.weighted_features(w, f, idx, backend="triton").sum().backward()
+    finally:
+        tk._Launch.run = original
+        tk.TUNING_GROUP.update(group_defaults)
+    with open(path, "w") as fh:
+        json.dump(list(launches.values()), fh)
+
+
+def _attention_step(ops, testing, dtype, flags, deterministic) -> None:
+    case = testing.random_case(1, 2, 24, 16, 16, seed=1, group=8, whole_clusters=True, **flags)
+    c = {k: (v.to(dtype).requires_grad_(k in ("q", "k", "v", "pe_table", "blank_k", "blank_v"))
+             if v is not None and v.is_floating_point() else v) for k, v in case.items()}
+    kw = {n: c[n] for n in ("pe_table", "pe_idx", "mask", "blank_k", "blank_v")}
+    out = ops.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], **kw,
+                                backend="triton", deterministic=deterministic)
+    out.float().sum().backward()
+
+
+def _signature(jf, values: dict):
+    import triton.language as tl
+
+    dtypes = {str(getattr(tl, n)): getattr(tl, n) for n in
+              ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
+               "uint8")}
+    sig, const = {}, {}
+    for p in jf.params:
+        kind, v = values.get(p.name, ["default", p.default])
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+            const[p.name] = dtypes[v] if kind == "tl" else v
+        elif kind == "tensor":
+            sig[p.name] = "*" + _POINTER_TYPES[v]
+        elif kind == "bool":
+            sig[p.name] = "i1"
+        elif kind == "int":
+            sig[p.name] = "i64" if abs(v) >= 2**31 else "i32"
+        elif kind == "float":
+            sig[p.name] = "fp32"
+        else:
+            raise TypeError(f"{jf.__name__}: argument {p.name}: cannot type {kind} {v!r}")
+    return sig, const
+
+
+def compile_launches(launches: list, arch: int, full: bool, module=None) -> list[tuple]:
+    """Step 2 (no interpreter): compile each launch for CUDA ``arch`` (e.g. 90); returns
+    (kernel name, options, error message or None, seconds) per launch. ``module`` holds
+    the kernels by name (default: cluster.triton_kernels)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.compiler import ASTSource
+
+    from cluster.triton_kernels import _Launch
+
+    if module is None:
+        from cluster import triton_kernels as module
+    target = GPUTarget("cuda", arch, 32)
+    backend = CUDABackend(target)
+    results = []
+    for name, values, opts in launches:
+        kernel = getattr(module, name)
+        jf = kernel.fn if isinstance(kernel, _Launch) else kernel
+        opts = {k: v for k, v in opts.items() if v is not None}
+        t0 = time.perf_counter()
+        try:
+            sig, const = _signature(jf, values)
+            src = ASTSource(jf, sig, const)
+            if full:
+                triton.compile(src, target=target, options=opts)
+            else:
+                # The front end alone (triton.compile's first stage): AST -> Triton IR.
+                options = backend.parse_options(opts)
+                context = triton._C.libtriton.ir.context()
+                triton._C.libtriton.ir.load_dialects(context)
+                backend.load_dialects(context)
+                src.make_ir(target, options, backend.get_codegen_implementation(options),
+                            backend.get_module_map(), context)
+            err = None
+        except Exception as e:  # noqa: BLE001 - every failure is reported, none hidden
+            err = f"{type(e).__name__}: {e}"
+        results.append((name, opts, err, time.perf_counter() - t0))
+    return results
+
+
+def _run_step(args: list[str], interpret: bool) -> int:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.call([sys.executable, "-m", "cluster.build_check", *args], env=env)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cluster.build_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, nargs="+", default=[90],
+                    help="CUDA compute capabilities to build for, e.g. 90 80 (default 90)")
+    ap.add_argument("--full", action="store_true",
+                    help="compile to PTX (minutes), not only through the front end (seconds)")
+    ap.add_argument("--record", metavar="JSON", help=argparse.SUPPRESS)
+    ap.add_argument("--compile", metavar="JSON", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.record:
+        record(a.record)
+        return 0
+    if a.compile:
+        return _compile_report(a.compile, a.arch, a.full)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "launches.json")
+        print("build_check: recording the backend's launches under the interpreter ...",
+              flush=True)
+        t0 = time.perf_counter()
+        rc = _run_step(["--record", path], interpret=True)
+        if rc:
+            print(f"build_check: recording failed (exit {rc})", flush=True)
+            return rc
+        print(f"build_check: recorded in {time.perf_counter() - t0:.0f} s", flush=True)
+        extra = ["--full"] if a.full else []
+        return _run_step(["--compile", path, "--arch", *map(str, a.arch), *extra],
+                         interpret=False)
+
+
+def _compile_report(path: str, arches: list[int], full: bool) -> int:
+    import triton
+
+    from cluster import triton_kernels as tk
+
+    with open(path) as fh:
+        launches = json.load(fh)
+    every = sorted(n for n, o in vars(tk).items() if isinstance(o, tk._Launch))
+    stage = "PTX" if full else "Triton IR (front end)"
+    failed = 0
+    for arch in arches:
+        print(f"build_check: {len(launches)} launches of {len(every)} kernels -> {stage}, "
+              f"sm_{arch}, triton {triton.__version__}", flush=True)
+        for name, opts, err, secs in compile_launches(launches, arch, full):
+            if err is None:
+                print(f"  ok    {secs:5.1f} s  {name} {opts}", flush=True)
+            else:
+                failed += 1
+                print(f"  FAIL  {name} {opts}\n{err}", flush=True)
+    missing = sorted(set(every) - {name for name, _v, _o in launches})
+    for name in missing:
+        print(f"  NOT REACHED  {name}: no recorded launch builds it", flush=True)
+    print(f"build_check: {failed} failed, {len(missing)} kernels not reached", flush=True)
+    return 1 if failed or missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
