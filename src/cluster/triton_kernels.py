@@ -1397,7 +1397,7 @@ def _bwd_q_prologue(
 ):
     """Head h of the program's query rows (qs: their q times the scale): Delta (stored),
     lse, dout, and dq's start, i.e. the blank key's share; the blank's partial sums of
-    dblank_k / dblank_v go to one [H, D] row per program (``lin``), added up in torch:
+    dblank_k / dblank_v go to one [H, D] row per program (``lin``), added up by _backward_tail_kernel:
     fixed order, no atomics."""
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
