@@ -3,19 +3,24 @@
 The CPU suite runs the kernels under Triton's interpreter, which executes each kernel as
 Python and never compiles it: a kernel the compiler rejects (a variable with one type in an
 ``if`` branch and another in the ``else``, an op the language lacks) passes every CPU test
-and fails at the first launch on a GPU. This check closes that gap:
+and fails at the first launch on a GPU. The interpreter also runs other configurations than
+a GPU does (bigger row blocks, no FTZ inline assembly, float64 group kernels), so some GPU
+code is never even interpreted. This check closes both gaps:
 
-1. ``record``: small forward and backward runs of every code path (float32, bfloat16,
-   float64; with and without pe / mask / blank; fast and deterministic; the per-row and the
-   cluster-group kernels; weighted features) under the interpreter, noting each kernel
-   launch's argument types, constexpr values and launch options;
+1. ``record``: small forward and backward calls of every code path (float32, float16,
+   bfloat16, float64; with and without pe / mask / blank; fast and deterministic; the
+   per-row and the cluster-group kernels; weighted features) with the backend's host code
+   deciding as on a GPU, noting each kernel launch's argument types, constexpr values and
+   launch options instead of running it (the host code never reads a kernel's results, so
+   nothing downstream depends on them);
 2. ``compile``: each distinct launch compiled by Triton's front end (Python AST -> Triton IR,
-   where type errors surface; ``--full`` goes on to PTX) for a CUDA target, in a process
-   without the interpreter. No GPU is needed.
+   where type errors surface; ``--full`` goes on through PTX to a cubin with ptxas) for a
+   CUDA target. No GPU is needed.
 
-``python -m cluster.build_check [--arch 90 80] [--full]`` runs both steps (each in its own
-process, since the interpreter is chosen when triton is imported) and exits non-zero if a
-kernel fails to build or is not reached by any recorded launch.
+``python -m cluster.build_check [--arch 90 80] [--full]`` runs both and exits non-zero if a
+kernel fails to build or no recorded launch reaches it. Compiling needs the kernels as
+Triton decorates them without the interpreter: with ``TRITON_INTERPRET=1`` set, the check
+runs itself again in a process without it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 # Tensor dtypes as Triton's signature strings.
@@ -51,17 +55,15 @@ def _describe(value):
     return ["tl", str(value)]  # a triton dtype passed as a constexpr
 
 
-def record(path: str) -> None:
-    """Step 1 (under TRITON_INTERPRET=1): write the distinct launches to ``path`` (JSON)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("record needs TRITON_INTERPRET=1 set before triton is imported")
+def record() -> list:
+    """Step 1: the distinct launches [kernel name, {argument: description}, options] of
+    small calls of every code path, with the host code deciding as on a GPU; no kernel runs."""
     import torch
 
-    from cluster import ops, testing
+    from cluster import testing
     from cluster import triton_kernels as tk
 
     launches: dict[str, list] = {}
-    original = tk._Launch.run
 
     def run(self, grid, args, options):
         fn = self.fn.fn
@@ -79,38 +81,38 @@ def record(path: str) -> None:
                       for k, v in values.items()}
         key = json.dumps([fn.__name__, key_values, opts], sort_keys=True, default=str)
         launches.setdefault(key, [fn.__name__, values, opts])
-        return original(self, grid, args, options)
 
+    saved = tk._Launch.run, tk._INTERPRET, dict(tk.TUNING_GROUP)
     tk._Launch.run = run
-    group_defaults = dict(tk.TUNING_GROUP)
+    tk._INTERPRET = False  # block sizes, FTZ, dot flags and kernel choices of a GPU
     try:
         for group_on in (False, True):
-            for key, warps in group_defaults.items():
+            for key, warps in saved[2].items():
                 tk.TUNING_GROUP[key] = (warps or 2) if group_on else warps
-            for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
                 for flags in (dict(pe=True, mask=True, blank=True),
                               dict(pe=False, mask=False, blank=False)):
                     for deterministic in (False, True):
-                        _attention_step(ops, testing, dtype, flags, deterministic)
+                        _attention_step(tk, testing, dtype, flags, deterministic)
         g = torch.Generator().manual_seed(0)
-        w = torch.randn(1, 24, 16, 3, generator=g, dtype=torch.float64, requires_grad=True)
-        f = torch.randn(1, 24, 8, generator=g, dtype=torch.float64, requires_grad=True)
-        idx = torch.randint(0, 24, (1, 24, 16), generator=g)
-        ops.weighted_features(w, f, idx, backend="triton").sum().backward()
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            w = torch.randn(1, 24, 16, 3, generator=g).to(dtype).requires_grad_(True)
+            f = torch.randn(1, 24, 8, generator=g).to(dtype).requires_grad_(True)
+            idx = torch.randint(0, 24, (1, 24, 16), generator=g)
+            tk.weighted_features(w, f, idx).float().sum().backward()
     finally:
-        tk._Launch.run = original
-        tk.TUNING_GROUP.update(group_defaults)
-    with open(path, "w") as fh:
-        json.dump(list(launches.values()), fh)
+        tk._Launch.run, tk._INTERPRET = saved[:2]
+        tk.TUNING_GROUP.update(saved[2])
+    return list(launches.values())
 
 
-def _attention_step(ops, testing, dtype, flags, deterministic) -> None:
+def _attention_step(tk, testing, dtype, flags, deterministic) -> None:
     case = testing.random_case(1, 2, 24, 16, 16, seed=1, group=8, whole_clusters=True, **flags)
     c = {k: (v.to(dtype).requires_grad_(k in ("q", "k", "v", "pe_table", "blank_k", "blank_v"))
              if v is not None and v.is_floating_point() else v) for k, v in case.items()}
-    kw = {n: c[n] for n in ("pe_table", "pe_idx", "mask", "blank_k", "blank_v")}
-    out = ops.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], **kw,
-                                backend="triton", deterministic=deterministic)
+    out = tk.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], c["pe_table"],
+                               c["pe_idx"], c["mask"], c["blank_k"], c["blank_v"], 16 ** -0.5,
+                               deterministic)
     out.float().sum().backward()
 
 
@@ -180,58 +182,45 @@ def compile_launches(launches: list, arch: int, full: bool, module=None) -> list
     return results
 
 
-def _run_step(args: list[str], interpret: bool) -> int:
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    return subprocess.call([sys.executable, "-m", "cluster.build_check", *args], env=env)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cluster.build_check", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, nargs="+", default=[90],
                     help="CUDA compute capabilities to build for, e.g. 90 80 (default 90)")
     ap.add_argument("--full", action="store_true",
-                    help="compile to PTX (minutes), not only through the front end (seconds)")
-    ap.add_argument("--record", metavar="JSON", help=argparse.SUPPRESS)
-    ap.add_argument("--compile", metavar="JSON", help=argparse.SUPPRESS)
+                    help="go on through PTX to a cubin (ptxas; minutes), not only through the "
+                         "front end (seconds)")
+    ap.add_argument("--launches", metavar="JSON",
+                    help="compile these recorded launches (a list of [kernel, arguments, "
+                         "options]) instead of recording")
+    ap.add_argument("--save", metavar="JSON", help="also write the recorded launches here")
     a = ap.parse_args(argv)
-    if a.record:
-        record(a.record)
-        return 0
-    if a.compile:
-        return _compile_report(a.compile, a.arch, a.full)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "launches.json")
-        print("build_check: recording the backend's launches under the interpreter ...",
-              flush=True)
-        t0 = time.perf_counter()
-        rc = _run_step(["--record", path], interpret=True)
-        if rc:
-            print(f"build_check: recording failed (exit {rc})", flush=True)
-            return rc
-        print(f"build_check: recorded in {time.perf_counter() - t0:.0f} s", flush=True)
-        extra = ["--full"] if a.full else []
-        return _run_step(["--compile", path, "--arch", *map(str, a.arch), *extra],
-                         interpret=False)
-
-
-def _compile_report(path: str, arches: list[int], full: bool) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        args = sys.argv[1:] if argv is None else list(argv)
+        return subprocess.call([sys.executable, "-m", "cluster.build_check", *args], env=env)
     import triton
 
     from cluster import triton_kernels as tk
 
-    with open(path) as fh:
-        launches = json.load(fh)
+    t0 = time.perf_counter()
+    if a.launches:
+        with open(a.launches) as fh:
+            launches = json.load(fh)
+    else:
+        launches = record()
+        print(f"build_check: recorded {len(launches)} launches in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+    if a.save:
+        with open(a.save, "w") as fh:
+            json.dump(launches, fh, default=str)
     every = sorted(n for n, o in vars(tk).items() if isinstance(o, tk._Launch))
-    stage = "PTX" if full else "Triton IR (front end)"
+    stage = "cubin" if a.full else "Triton IR (front end)"
     failed = 0
-    for arch in arches:
+    for arch in a.arch:
         print(f"build_check: {len(launches)} launches of {len(every)} kernels -> {stage}, "
               f"sm_{arch}, triton {triton.__version__}", flush=True)
-        for name, opts, err, secs in compile_launches(launches, arch, full):
+        for name, opts, err, secs in compile_launches(launches, arch, a.full):
             if err is None:
                 print(f"  ok    {secs:5.1f} s  {name} {opts}", flush=True)
             else:
@@ -240,7 +229,8 @@ def _compile_report(path: str, arches: list[int], full: bool) -> int:
     missing = sorted(set(every) - {name for name, _v, _o in launches})
     for name in missing:
         print(f"  NOT REACHED  {name}: no recorded launch builds it", flush=True)
-    print(f"build_check: {failed} failed, {len(missing)} kernels not reached", flush=True)
+    print(f"build_check: {failed} failed, {len(missing)} kernels not reached "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return 1 if failed or missing else 0
 
 
