@@ -1190,21 +1190,33 @@ def _attn_fwd_cluster_kernel(
             r_ok = q_ok & (h + hr < h_hi)
             s_ok = ok & r_ok[:, None]
             rd_ok = r_ok[:, None] & in_head
-            kv_ok = live[:, None] & ((dc < D) & (h + hc < h_hi))[None, :]
+            hd_ok = (dc < D) & (h + hc < h_hi)
+            kv_ok = live[:, None] & hd_ok[None, :]
+            # The bias and the blank's vectors first, so that their latency overlaps the
+            # score product's; read after the softmax (the blank's as [rows, BLOCK_D]
+            # tiles, which went through shared memory to change layout), the waits on
+            # them were 8 % of the H200's stall samples at config_3_large
+            # (results/fwd-early-loads-h200-2026-11-29.log).
+            if HAS_PE:
+                bias = tl.load(PE + pe * spet + (h + hr)[:, None] * speh, mask=s_ok,
+                               other=0.0)
+            if HAS_BLANK:
+                # One row of each head's blank per column block: q is zero outside its
+                # own head's block, so q . bk sums its head's terms only, and the
+                # other blocks of pb * bv are never stored.
+                bk = tl.load(BK + (h + hc) * sbkh + dc, mask=hd_ok, other=0.0).to(ACC)
+                bv = tl.load(BV + (h + hc) * sbvh + dc, mask=hd_ok, other=0.0).to(ACC)
             q = tl.load(Q + (h + hr)[:, None] * sqh + offs_q[:, None] * sqn + dc[None, :],
                         mask=rd_ok, other=0.0)
             k = tl.load(K + (h + hc)[None, :] * skh + lead[:, None] * skn + dc[None, :],
                         mask=kv_ok, other=0.0)
             s = _scale(_mma(q, tl.trans(k), UPCAST).to(ACC), scale_hi, scale_lo, SPLIT)
             if HAS_PE:
-                s += tl.load(PE + pe * spet + (h + hr)[:, None] * speh, mask=s_ok,
-                             other=0.0).to(ACC)
+                s += bias.to(ACC)
             s = tl.where(s_ok, s, NEG_INF)
             m_i = tl.max(s, 1)
             if HAS_BLANK:
-                bk = tl.load(BK + (h + hr)[:, None] * sbkh + dc[None, :], mask=rd_ok,
-                             other=0.0).to(ACC)
-                sb = _scale(tl.sum(q.to(ACC) * bk, 1), scale_hi, scale_lo, SPLIT)
+                sb = _scale(tl.sum(q.to(ACC) * bk[None, :], 1), scale_hi, scale_lo, SPLIT)
                 m_i = tl.maximum(m_i, sb)
             m_use = tl.where(m_i == NEG_INF, 0.0, m_i)
             p = _exp(s - m_use[:, None], FTZ)
@@ -1220,11 +1232,9 @@ def _attn_fwd_cluster_kernel(
             else:
                 acc = _mma(p, v, UPCAST).to(ACC)
             if HAS_BLANK:
-                bv = tl.load(BV + (h + hr)[:, None] * sbvh + dc[None, :], mask=rd_ok,
-                             other=0.0).to(ACC)
                 pb = _exp(sb - m_use, FTZ)
                 l_i += pb
-                acc += pb[:, None] * bv
+                acc += pb[:, None] * bv[None, :]
             _fwd_store(O, LSE, (h + hr) * soh + offs_q * son, (h + hr) * N + offs_q, r_ok,
                        dc, rd_ok, acc, m_use, l_i)
     else:
@@ -1241,6 +1251,13 @@ def _attn_fwd_cluster_kernel(
 # [BLOCK_M, BLOCK_D] tile would exceed _GROUP_TILE elements take the per-query kernels.
 _GROUP = 8
 _GROUP_TILE = 8192
+# Software-pipeline depth of the group forward's head loop (Triton copies the q / k / v
+# tiles of later heads into shared memory while this head computes). Kernel times on the
+# H200, bf16, with the early bias / blank loads: 2 stages against the default 3 take
+# config_3_large 23.5 -> 23.2 us, aff_tiny_stage2 71.0 -> 68.6, affmae_stage1 149.7 ->
+# 142.0, highres 225.2 -> 208.1; 4 stages and 1 (no copies ahead) are slower
+# (results/fwd-early-loads-h200-2026-11-29.log).
+_GROUP_FWD_STAGES = 2
 
 
 def _ftz(dtype: torch.dtype) -> bool:
@@ -1341,7 +1358,8 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
             _attn_fwd_cluster_kernel[(n_blocks, B * nhg)](
                 *args, H, N, M, D, hi, lo, hpg, nhg, **flags, GROUP=_GROUP,
                 HEADS=heads, BLOCK_M=BM, BLOCK_D=BD, GEN_M=GM, **_dot_flags(q.dtype),
-                FTZ=_ftz(q.dtype), num_warps=warps, maxnreg=_maxnreg("fwd_group", q.dtype),
+                FTZ=_ftz(q.dtype), num_warps=warps, num_stages=_GROUP_FWD_STAGES,
+                maxnreg=_maxnreg("fwd_group", q.dtype),
             )
         else:
             BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "fwd")
