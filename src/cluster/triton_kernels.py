@@ -1258,6 +1258,10 @@ _GROUP_TILE = 8192
 # 142.0, highres 225.2 -> 208.1; 4 stages and 1 (no copies ahead) are slower
 # (results/fwd-early-loads-h200-2026-11-29.log).
 _GROUP_FWD_STAGES = 2
+# The same for the query-cluster backward: 2 stages against 3 take its kernel time per
+# bf16 step at affmae_stage1 from 337 to 311 us, highres 418 -> 391, config_3_large
+# 71.4 -> 70.4; 1 stage is slower (results/bwd-q-stages-h200-2026-11-29.log).
+_GROUP_BWDQ_STAGES = 2
 
 
 def _ftz(dtype: torch.dtype) -> bool:
@@ -2045,7 +2049,8 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         if q_group is not None:
             _attn_bwd_q_cluster_kernel[(n_qblocks, B * nhg)](
                 *q_args, **q_flags, GROUP=_GROUP, GEN_M=GM,
-                **_dot_flags(q.dtype), maxnreg=_maxnreg("bwd_q_group", q.dtype),
+                **_dot_flags(q.dtype), num_stages=_GROUP_BWDQ_STAGES,
+                maxnreg=_maxnreg("bwd_q_group", q.dtype),
             )
         else:
             _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
