@@ -4,7 +4,8 @@ Run as a script path (``python src/cluster/compat.py ...``), not as ``-m cluster
 the `table` and `diff` commands, and `run` for a pair whose install failed, must work with
 an interpreter that has no torch, so this file imports nothing of the package at the top.
 
-    run   --pair P --torch X --triton Y --out F.json [--install-ok 0|1] [pytest args]
+    run   --pair P --torch X --triton Y --out F.json [--install-ok 0|1] [--build-arch '90 80']
+          [pytest args]
     table DIR                       -> DIR/README.md from every DIR/*.json
     diff  OLD.json NEW.json [--drift 0.5]    exit 1 if NEW regressed
 """
@@ -67,6 +68,29 @@ print(json.dumps(info))
 """
 
 
+def _build_check(arches: list[str]) -> dict:
+    """Every Triton kernel launch compiled for the CUDA ``arches`` by this pair's Triton,
+    through ``cluster.build_check`` (no GPU needed). The suite's CPU run goes through the
+    interpreter, which compiles nothing, so a Triton release whose compiler rejects a
+    kernel would otherwise pass here."""
+    cp = subprocess.run([sys.executable, "-m", "cluster.build_check", "--arch", *arches],
+                        capture_output=True, text=True)
+    out = (cp.stdout + cp.stderr).splitlines()
+    failing = set()
+    for line in out:
+        words = line.split()
+        if words[:1] == ["FAIL"] and len(words) > 1:
+            failing.add(words[1])
+        elif words[:2] == ["NOT", "REACHED"] and len(words) > 2:
+            failing.add(words[2].rstrip(":"))
+    summary = next((line for line in reversed(out) if line.startswith("build_check:")), "")
+    res = {"ok": cp.returncode == 0, "arch": list(arches), "summary": summary,
+           "failing": sorted(failing)}
+    if cp.returncode != 0:
+        res["tail"] = "\n".join(out[-15:])[-1500:]
+    return res
+
+
 def _case_key(c: dict) -> str:
     """backend[/mode]|dtype|config of one cluster.validate case."""
     mode = "" if c["mode"] == "-" else "/" + c["mode"]
@@ -94,6 +118,10 @@ def cmd_run(a, pytest_args) -> int:
                                     else "compile FAILED: " + (cc.stdout + cc.stderr)[-300:])
         else:
             rep["import_error"] = probe.stderr.strip()[-500:]
+    rep["build"] = None
+    arches = [x for x in a.build_arch.replace(",", " ").split() if x != "none"]
+    if rep["import_ok"] and arches:
+        rep["build"] = _build_check(arches)
     if rep["import_ok"]:
         with tempfile.TemporaryDirectory() as tmp:
             xml = os.path.join(tmp, "junit.xml")
@@ -117,16 +145,28 @@ def cmd_run(a, pytest_args) -> int:
     rep["seconds"] = round(time.time() - t0, 1)
     t = rep["tests"]
     rep["ok"] = bool(rep["import_ok"] and t and t["failed"] == 0 and t["passed"] > 0
-                     and rep.get("validate_verdict") == "PASS")
+                     and rep.get("validate_verdict") == "PASS"
+                     and (rep["build"] is None or rep["build"]["ok"]))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(rep, f, indent=1)
     counts = f"{t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped" if t else "not run"
-    print(f"compat {a.pair}: install {rep['install_ok']}, import {rep['import_ok']}, tests {counts}, "
+    print(f"compat {a.pair}: install {rep['install_ok']}, import {rep['import_ok']}, "
+          f"kernels build {_build_cell(rep.get('build'))}, tests {counts}, "
           f"validate {rep.get('validate_verdict', '-')}, {rep['seconds']} s -> {a.out}")
     for tid in (t or {}).get("failing", []):
         print(f"  FAILED {tid}")
     return 0 if rep["ok"] else 1
+
+
+def _build_cell(build: dict | None) -> str:
+    if not build:
+        return "-"
+    arch = "/".join(f"sm_{x}" for x in build["arch"])
+    if build["ok"]:
+        return f"yes ({arch})"
+    names = ", ".join(build["failing"][:3]) + (" ..." if len(build["failing"]) > 3 else "")
+    return f"**no** ({arch}: {names or 'see JSON'})"
 
 
 def cmd_table(d: str) -> int:
@@ -141,18 +181,22 @@ def cmd_table(d: str) -> int:
         rows.append(
             f"| {r['pair']} | {r.get('torch', '-')} | {r.get('triton', '-')} | "
             f"{'yes' if r['install_ok'] else '**no**'} | {'yes' if r['import_ok'] else '**no**'} | "
-            f"{r.get('extension', '-')[:60]} | {t.get('passed', '-')} / {t.get('failed', '-')} / "
+            f"{r.get('extension', '-')[:60]} | {_build_cell(r.get('build'))} | "
+            f"{t.get('passed', '-')} / {t.get('failed', '-')} / "
             f"{t.get('skipped', '-')} | {r.get('validate_verdict', '-')} | {worst:.1e} | {r['seconds']:.0f} s | "
             f"{'PASS' if r.get('ok') else '**FAIL**'} |")
     md = ["# torch x triton compatibility", "",
           "Written by `nox -s compat` (one row per pair; JSON beside this file). Tests: "
-          "passed / failed / skipped. Validate: verdict of `cluster.validate` on the suite "
+          "passed / failed / skipped. Kernels build: every Triton kernel launch compiled "
+          "by the pair's Triton for the CUDA arch (`python -m cluster.build_check`; the CPU "
+          "suite runs the interpreter, which compiles nothing). "
+          "Validate: verdict of `cluster.validate` on the suite "
           "configurations. Worst fp32 error: largest max-abs error (output or any gradient) of "
           "any float32 backend x configuration against the float64 reference; every error, "
           "float16/bfloat16 included, is in the JSON.", "",
-          "| pair | torch | triton | installs | imports | CUDA extension | tests | validate "
-          "| worst fp32 error | time | verdict |",
-          "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+          "| pair | torch | triton | installs | imports | CUDA extension | kernels build | tests "
+          "| validate | worst fp32 error | time | verdict |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
     with open(os.path.join(d, "README.md"), "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))
@@ -172,6 +216,14 @@ def cmd_diff(old_p: str, new_p: str, drift: float = 0.5) -> int:
         if old.get(key) and not new.get(key):
             lines.append(f"REGRESSION: {key} was true, now false")
             bad = True
+    ob, nb = old.get("build"), new.get("build")
+    if ob and ob["ok"] and nb and not nb["ok"]:
+        arch = "/".join(f"sm_{x}" for x in nb["arch"])
+        lines.append(f"REGRESSION: kernels no longer build for {arch}: "
+                     f"{', '.join(nb['failing']) or nb.get('summary', '')}")
+        bad = True
+    elif ob and ob["ok"] and not nb and new.get("import_ok"):
+        lines.append("kernels build: not checked in the new report")
     of = set((old.get("tests") or {}).get("failing", []))
     nf = set((new.get("tests") or {}).get("failing", []))
     for tid in sorted(nf - of):
@@ -217,6 +269,9 @@ def main(argv=None) -> int:
     r.add_argument("--triton", required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--install-ok", type=int, default=1)
+    r.add_argument("--build-arch", default="90",
+                   help="CUDA arches (e.g. '90 80') to compile the Triton kernels for with "
+                        "cluster.build_check; 'none' skips it (default %(default)s)")
     r.add_argument("--check-compile", default="auto", type=lambda v: v if v == "auto" else bool(int(v)),
                    help="compile csrc/ with nvcc: 1, 0, or auto (when torch is a CUDA build and nvcc exists)")
     t = sub.add_parser("table")

@@ -68,3 +68,46 @@ def test_diff_ignores_run_to_run_jitter_and_improvements(tmp_path, capsys):
     assert compat.cmd_diff(_write(tmp_path, "o", old), _write(tmp_path, "n", new), 0.5) == 0
     out = capsys.readouterr().out
     assert "c1" not in out and "drift down ref|float32|c2" in out and "VERDICT: OK" in out
+
+
+def _build(ok, failing=()):
+    return {"ok": ok, "arch": ["90"], "summary": "build_check: ...", "failing": list(failing)}
+
+
+def test_table_shows_whether_the_kernels_build(tmp_path):
+    good, bad = _report("torchA-tritonA"), _report("torchB-tritonB")
+    good["build"] = _build(True)
+    bad["build"], bad["ok"] = _build(False, ["_attn_fwd_kernel"]), False
+    _write(tmp_path, "a", good)
+    _write(tmp_path, "b", bad)
+    compat.cmd_table(str(tmp_path))
+    rows = [line for line in (tmp_path / "README.md").read_text().splitlines()
+            if line.startswith("| torch")]
+    assert "| yes (sm_90) |" in rows[0]
+    assert "**no** (sm_90: _attn_fwd_kernel)" in rows[1]
+
+
+def test_diff_flags_kernels_that_stop_building(tmp_path, capsys):
+    old, new = _report("old"), _report("new")
+    old["build"], new["build"] = _build(True), _build(False, ["_wf_fwd_kernel"])
+    assert compat.cmd_diff(_write(tmp_path, "o", old), _write(tmp_path, "n", new), 0.5) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION: kernels no longer build for sm_90: _wf_fwd_kernel" in out
+
+
+def test_build_check_output_is_parsed(monkeypatch):
+    out = ("build_check: 3 launches of 2 kernels -> front end, sm_90\n"
+           "  ok      0.1 s  _a_kernel {'num_warps': 4}\n"
+           "  FAIL  _b_kernel {'num_warps': 1}\nCompilationError: ...\n"
+           "  NOT REACHED  _c_kernel: no recorded launch builds it\n"
+           "build_check: 1 failed, 1 kernels not reached (2 s)\n")
+
+    class Done:
+        returncode, stdout, stderr = 1, out, ""
+
+    seen = []
+    monkeypatch.setattr(compat.subprocess, "run", lambda cmd, **kw: seen.append(cmd) or Done())
+    res = compat._build_check(["90", "80"])
+    assert seen[0][1:] == ["-m", "cluster.build_check", "--arch", "90", "80"]
+    assert res["ok"] is False and res["failing"] == ["_b_kernel", "_c_kernel"]
+    assert res["summary"].startswith("build_check: 1 failed") and "CompilationError" in res["tail"]
