@@ -1255,8 +1255,8 @@ _GROUP_TILE = 8192
 # tiles of later heads into shared memory while this head computes). Kernel times on the
 # H200, bf16, with the early bias / blank loads: 2 stages against the default 3 take
 # config_3_large 23.5 -> 23.2 us, aff_tiny_stage2 71.0 -> 68.6, affmae_stage1 149.7 ->
-# 142.0, highres 225.2 -> 208.1; 4 stages and 1 (no copies ahead) are slower
-# (results/fwd-early-loads-h200-2026-11-29.log).
+# 142.0, highres 225.2 -> 208.1; 4 stages are slower, and so is 1 (no copies ahead; tried
+# with the previous loads only) (results/fwd-early-loads-h200-2026-11-29.log).
 _GROUP_FWD_STAGES = 2
 # The same for the query-cluster backward: 2 stages against 3 take its kernel time per
 # bf16 step at affmae_stage1 from 337 to 311 us, highres 418 -> 391, config_3_large
