@@ -159,10 +159,14 @@ def cmd_run(a, pytest_args) -> int:
     return 0 if rep["ok"] else 1
 
 
+def _arches(build: dict) -> str:
+    return "/".join(f"sm_{x}" for x in build["arch"])
+
+
 def _build_cell(build: dict | None) -> str:
     if not build:
         return "-"
-    arch = "/".join(f"sm_{x}" for x in build["arch"])
+    arch = _arches(build)
     if build["ok"]:
         return f"yes ({arch})"
     names = ", ".join(build["failing"][:3]) + (" ..." if len(build["failing"]) > 3 else "")
@@ -218,8 +222,7 @@ def cmd_diff(old_p: str, new_p: str, drift: float = 0.5) -> int:
             bad = True
     ob, nb = old.get("build"), new.get("build")
     if ob and ob["ok"] and nb and not nb["ok"]:
-        arch = "/".join(f"sm_{x}" for x in nb["arch"])
-        lines.append(f"REGRESSION: kernels no longer build for {arch}: "
+        lines.append(f"REGRESSION: kernels no longer build for {_arches(nb)}: "
                      f"{', '.join(nb['failing']) or nb.get('summary', '')}")
         bad = True
     elif ob and ob["ok"] and not nb and new.get("import_ok"):
