@@ -75,9 +75,10 @@ def require_backend(name: str, device: torch.device, dtype: torch.dtype) -> None
 
 @pytest.fixture
 def group_kernels_on(monkeypatch):
-    """Every group kernel of the triton backend on, in every dtype: TUNING_GROUP has them off
-    for float32 (and float64, which uses the float32 entries), on the GPU and in the
-    interpreter alike, so the tests of those kernels switch them on here."""
+    """Every group kernel of the triton backend on, in every dtype: TUNING_GROUP has the
+    backward ones off for float32 (and float64, which uses the float32 entries), and in the
+    interpreter the forward too (its FMA path, TUNING_GROUP_FMA, is the GPU's float32
+    default), so the tests of those kernels switch them on here."""
     from cluster import triton_kernels as tk
 
     for key, warps in list(tk.TUNING_GROUP.items()):

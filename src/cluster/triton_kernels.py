@@ -101,11 +101,13 @@ TUNING: dict[tuple[str, int], tuple[int, int, int, int]] = {
 # of 8 rows (not 16, half padding) the float32 group kernels still lose at affmae_stage1:
 # forward 0.515 -> 0.61 ms, query side 0.73 -> 1.11, key side 0.80 -> 1.28; the 16-bit
 # query-cluster backward now wins at M = 48 too, highres 0.51 -> 0.42 ms
-# (results/tune-group-8rows-h200-2026-11-29.log). The interpreter follows this table too;
-# the group kernels' tests switch them on in float32 / float64 (tests/conftest.py,
-# group_kernels_on).
+# (results/tune-group-8rows-h200-2026-11-29.log). The float32 forward takes the group
+# kernel without tl.dot (TUNING_GROUP_FMA). The interpreter follows this table, except
+# that it keeps float32 forwards on the per-query kernel: its 8-query programs took the CPU
+# suite's float32 forward tests from 37 to 156 s. The group kernels' tests switch them on in
+# float32 / float64 (tests/conftest.py, group_kernels_on).
 TUNING_GROUP: dict[tuple[str, int], int] = {
-    ("fwd", 4): 0, ("fwd", 2): 1, ("bwd_q", 4): 0, ("bwd_q", 2): 1,
+    ("fwd", 4): 0 if _INTERPRET else 1, ("fwd", 2): 1, ("bwd_q", 4): 0, ("bwd_q", 2): 1,
     ("bwd_kv", 4): 0, ("bwd_kv", 2): 2,
 }
 # Heads per tile of the group kernels (1 or 2). A cluster has 8 queries (or keys), the
@@ -117,6 +119,14 @@ TUNING_GROUP: dict[tuple[str, int], int] = {
 # 2 heads doubles its gathered k / v tiles and slows from 0.175 to 0.43 ms (1 warp) or 0.39
 # (2 warps), so it keeps 1 (results/tune-group-8rows-h200-2026-11-29.log).
 TUNING_GROUP_HEADS: dict[str, int] = {"fwd": 1, "bwd_kv": 2}
+# Group forwards that multiply on FMA units, as broadcast products summed over D and over
+# slots, instead of tl.dot, per value width (_fwd_rows' LEAD): each key and value row is
+# gathered once for the cluster's 8 queries, where the per-query kernel gathers it 8 times.
+# Kernel times on the H200, float32 (results/fwd-fp32-lead-h200-2026-11-29.log), per-query
+# -> FMA group: affmae_stage1 514 -> 389 us, config_3_large 88 -> 64, highres 507 -> 472,
+# aff_tiny_stage1 388 -> 365, aff_tiny_stage2 196 -> 175. 2 or 4 warps are 2-5x slower
+# (Triton spreads the warps over the reduced dimensions).
+TUNING_GROUP_FMA: dict[tuple[str, int], bool] = {("fwd", 4): True}
 # Register cap (ptxas .maxnreg) per attention kernel ("fwd", "bwd_q", "bwd_kv", each with
 # "_group" for the group kernel) and value width; absent = the compiler's choice. With
 # one or two warps per program ptxas takes up to 255 registers a thread, which leaves 8
@@ -991,13 +1001,17 @@ def _chunk_logits(K, PE, h, q, idx, pe, ok, offs_d, d_ok, skh, skn, spet, speh,
 def _fwd_rows(
     Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_q, q_ok, row_off, idx0, pe0, ok0,
     sqh, sqn, skh, skn, svh, svn, soh, son, spet, speh, sbkh, sbvh,
-    N, M, D, scale_hi, scale_lo,
+    N, M, D, scale_hi, scale_lo, lead_off,
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BLANK: tl.constexpr,
     ONE_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr, ACC: tl.constexpr, FTZ: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC: tl.constexpr, FTZ: tl.constexpr, LEAD: tl.constexpr,
 ):
-    """Head ``h`` of a row block, each query gathering its own keys (any member_idx):
-    online softmax over chunks of BLOCK_M slots. Pointers are already offset to the batch."""
+    """Head ``h`` of a row block: online softmax over chunks of BLOCK_M slots. Pointers are
+    already offset to the batch. Each query gathers its own keys (any member_idx), or with
+    LEAD all rows share the key list at IDX + lead_off (a group that _group_slots found
+    shared): each chunk's keys and values are then gathered once as [BLOCK_M, BLOCK_D] and
+    broadcast over the rows, without tl.dot (float32, where Triton's tl.dot runs on FMA
+    units through shared memory)."""
     NEG_INF = float("-inf")
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -1005,6 +1019,10 @@ def _fwd_rows(
     q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
                 other=0.0).to(ACC)
     q = q * scale_hi + q * scale_lo
+    if LEAD:
+        q3 = tl.load(Q + h * sqh + offs_q[:, None, None] * sqn + offs_d[None, None, :],
+                     mask=qd_ok[:, None, :], other=0.0).to(ACC)
+        q3 = q3 * scale_hi + q3 * scale_lo
     m_i = tl.full([BLOCK_Q], NEG_INF, ACC)
     l_i = tl.zeros([BLOCK_Q], ACC)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], ACC)
@@ -1021,8 +1039,19 @@ def _fwd_rows(
         else:
             idx, pe, ok, _o = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, m0, M,
                                           HAS_PE, HAS_MASK, BLOCK_M)
-        s, _kt, kd_ok = _chunk_logits(K, PE, h, q, idx, pe, ok, offs_d, d_ok, skh, skn,
-                                      spet, speh, HAS_PE, ACC)
+        if LEAD:
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            lead = tl.load(IDX + lead_off + offs_m, mask=offs_m < M, other=0)
+            # A slot's rows are read if any query of the block uses it.
+            kv_ok = ((tl.max(ok.to(tl.int32), 0) > 0)[:, None] & d_ok[None, :])[None, :, :]
+            kv_off = lead[None, :, None] * skn + offs_d[None, None, :]
+            kt = tl.load(K + h * skh + kv_off, mask=kv_ok, other=0.0).to(ACC)
+            s = tl.sum(q3 * kt, 2)
+            if HAS_PE:
+                s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
+        else:
+            s, _kt, kd_ok = _chunk_logits(K, PE, h, q, idx, pe, ok, offs_d, d_ok, skh, skn,
+                                          spet, speh, HAS_PE, ACC)
         s = tl.where(ok, s, NEG_INF)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # All-invalid so far: shift by 0 so that exp(-inf - shift) = 0, never NaN.
@@ -1030,8 +1059,13 @@ def _fwd_rows(
         alpha = _exp(m_i - m_use, FTZ)
         p = _exp(s - m_use[:, None], FTZ)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = _gather_rows(V, h * svh, idx, offs_d, kd_ok, svn, ACC)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt, 1)
+        if LEAD:
+            vt = tl.load(V + h * svh + lead[None, :, None] * svn + offs_d[None, None, :],
+                         mask=kv_ok, other=0.0).to(ACC)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt, 1)
+        else:
+            vt = _gather_rows(V, h * svh, idx, offs_d, kd_ok, svn, ACC)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt, 1)
         m_i = m_new
     _fwd_store(O, LSE, h * soh + offs_q * son, h * N + offs_q, q_ok, offs_d, qd_ok, acc, m_i,
                l_i)
@@ -1084,8 +1118,8 @@ def _attn_fwd_kernel(
     for h in range(h_lo, h_hi):
         _fwd_rows(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_q, q_ok, row_off,
                   idx0, pe0, ok0, sqh, sqn, skh, skn, svh, svn, soh, son, spet, speh,
-                  sbkh, sbvh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, HAS_BLANK,
-                  ONE_CHUNK, BLOCK_Q, BLOCK_M, BLOCK_D, ACC, FTZ)
+                  sbkh, sbvh, N, M, D, scale_hi, scale_lo, 0, HAS_PE, HAS_MASK, HAS_BLANK,
+                  ONE_CHUNK, BLOCK_Q, BLOCK_M, BLOCK_D, ACC, FTZ, False)
 
 
 @triton.jit
@@ -1153,7 +1187,7 @@ def _attn_fwd_cluster_kernel(
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BLANK: tl.constexpr,
     GROUP: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, GEN_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-    FTZ: tl.constexpr, ACC: tl.constexpr,
+    FTZ: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, LEAD_M: tl.constexpr,
 ):
     """One program per GROUP consecutive queries. AFF gives all tokens of a cluster the
     same key list, so the group's keys and values are gathered once as [BLOCK_M, BLOCK_D]
@@ -1165,7 +1199,9 @@ def _attn_fwd_cluster_kernel(
     block-diagonal (row r nonzero in its head's block only) and k, v hold each head's rows
     in its block, so q k^T gives every row its own head's scores and p v its own head's
     output in its block. A group whose queries name different keys falls back to the
-    per-query path (_fwd_rows), so any member_idx stays correct."""
+    per-query path (_fwd_rows), so any member_idx stays correct. With DOT off (float32,
+    TUNING_GROUP_FMA) a shared group takes _fwd_rows' LEAD path instead: one gather per
+    chunk of LEAD_M slots as here, the products on FMA units."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h_lo, h_hi = _batch_heads(pid_bh, NHG, HPG, H)
@@ -1185,7 +1221,24 @@ def _attn_fwd_cluster_kernel(
     hc = cols // BLOCK_D  # head slot of each column
     dc = cols % BLOCK_D
     in_head = (hc[None, :] == hr[:, None]) & (dc < D)[None, :]
-    if shared:
+    if not DOT:
+        # Shared lists gather each key once (LEAD), strays per query; both on FMA units.
+        offs_g = pid * GROUP + tl.arange(0, GROUP)
+        g_ok = offs_g < N
+        if shared:
+            for h in range(h_lo, h_hi):
+                _fwd_rows(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_g, g_ok,
+                          offs_g * M, 0, 0, 0, sqh, sqn, skh, skn, svh, svn, soh, son, spet,
+                          speh, sbkh, sbvh, N, M, D, scale_hi, scale_lo, pid * GROUP * M,
+                          HAS_PE, HAS_MASK, HAS_BLANK, False, GROUP, LEAD_M, BLOCK_D, ACC, FTZ,
+                          True)
+        else:
+            for h in range(h_lo, h_hi):
+                _fwd_rows(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_g, g_ok,
+                          offs_g * M, 0, 0, 0, sqh, sqn, skh, skn, svh, svn, soh, son, spet,
+                          speh, sbkh, sbvh, N, M, D, scale_hi, scale_lo, 0, HAS_PE, HAS_MASK,
+                          HAS_BLANK, False, GROUP, GEN_M, BLOCK_D, ACC, FTZ, False)
+    elif shared:
         for h in range(h_lo, h_hi, HEADS):
             r_ok = q_ok & (h + hr < h_hi)
             s_ok = ok & r_ok[:, None]
@@ -1243,8 +1296,8 @@ def _attn_fwd_cluster_kernel(
         for h in range(h_lo, h_hi):
             _fwd_rows(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_g, g_ok,
                       offs_g * M, 0, 0, 0, sqh, sqn, skh, skn, svh, svn, soh, son, spet, speh,
-                      sbkh, sbvh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, HAS_BLANK,
-                      False, GROUP, GEN_M, BLOCK_D, ACC, FTZ)
+                      sbkh, sbvh, N, M, D, scale_hi, scale_lo, 0, HAS_PE, HAS_MASK,
+                      HAS_BLANK, False, GROUP, GEN_M, BLOCK_D, ACC, FTZ, False)
 
 
 # Tokens per cluster in AFF, i.e. the queries that share one key list. Key lists whose
@@ -1296,6 +1349,17 @@ def _group_blocks(D: int, M: int, dtype: torch.dtype, kind: str = "fwd"):
     if block_m * block_d * heads > _GROUP_TILE // (2 if dtype == torch.float64 else 1):
         heads = 1  # the k / v tiles hold every head's columns
     return block_m, block_d, heads, _chunk_slots(kind, dtype, _GROUP, block_d, M), warps
+
+
+def _lead_slots(block_d: int, M: int, dtype: torch.dtype) -> int:
+    """Slots per chunk of the group forward's FMA path (_fwd_rows' LEAD): a [GROUP, slots,
+    block_d] product within _GROUP_TILE elements (half in float64), the chunk that costs
+    least as padded slots plus 8 per chunk (each chunk pays a rescale and its reductions):
+    32 at M = 64 and 16 at M = 48 with D = 32, the fastest on the H200
+    (results/fwd-fp32-lead-h200-2026-11-29.log)."""
+    cap = max(1, (_GROUP_TILE // (2 if dtype == torch.float64 else 1)) // (_GROUP * block_d))
+    sizes = [1 << i for i in range(cap.bit_length()) if (1 << i) <= min(cap, _np2(M))]
+    return min(sizes, key=lambda c: (_cdiv(M, c) * c + 8 * _cdiv(M, c), -c))
 
 
 # Elements of the key-cluster backward's [BLOCK_G * GROUP, BLOCK_D] query tiles (per head):
@@ -1357,11 +1421,13 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
     with _device_guard(q):
         if grouped is not None:
             BM, BD, heads, GM, warps = grouped
+            fma = TUNING_GROUP_FMA.get(("fwd", _width(q.dtype)), False)
             n_blocks = _cdiv(N, _GROUP)
             hpg, nhg = _head_groups(n_blocks, B, H, q.device, heads)
             _attn_fwd_cluster_kernel[(n_blocks, B * nhg)](
                 *args, H, N, M, D, hi, lo, hpg, nhg, **flags, GROUP=_GROUP,
                 HEADS=heads, BLOCK_M=BM, BLOCK_D=BD, GEN_M=GM, **_dot_flags(q.dtype),
+                DOT=not fma, LEAD_M=_lead_slots(BD, M, q.dtype) if fma else 1,
                 FTZ=_ftz(q.dtype), num_warps=warps, num_stages=_GROUP_FWD_STAGES,
                 maxnreg=_maxnreg("fwd_group", q.dtype),
             )

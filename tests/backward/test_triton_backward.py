@@ -703,13 +703,27 @@ def test_backward_returns_do_not_alias(blank_v_dtype):
 
 
 def test_query_cluster_kernel_dispatch():
-    # 16-bit: the group kernels, M = 48 (a slot tile of 64) included; float32 and a tile
-    # too large for one program: the per-query kernels.
+    # 16-bit: the group kernels, M = 48 (a slot tile of 64) included; a tile too large for
+    # one program: the per-query kernels. float32: the group forward (its FMA path), the
+    # per-query backward.
     for kind in ("fwd", "bwd_q"):
         assert tk._group_blocks(32, 64, torch.bfloat16, kind)[:3] == (64, 32, 1)
         assert tk._group_blocks(32, 48, torch.bfloat16, kind)[:2] == (64, 32)
-        assert tk._group_blocks(32, 48, torch.float32, kind) is None
         assert tk._group_blocks(128, 128, torch.bfloat16, kind) is None
+    # (The interpreter keeps float32 forwards per query: TUNING_GROUP.)
+    want = None if tk._INTERPRET else (64, 32)
+    assert (tk._group_blocks(32, 48, torch.float32, "fwd") or (None,))[:2] == (want or (None,))
+    assert tk.TUNING_GROUP_FMA["fwd", 4] and not tk.TUNING_GROUP_FMA.get(("fwd", 2))
+    assert tk._group_blocks(32, 48, torch.float32, "bwd_q") is None
+
+
+@pytest.mark.parametrize("M,want", [(64, 32), (48, 16), (40, 16), (7, 8), (1, 1)])
+def test_lead_chunk_slots(M, want):
+    # The FMA path's slot chunk at D = 32: whole chunks where M allows, never past the
+    # [8, slots, D] tile budget (half of it in float64).
+    assert tk._lead_slots(32, M, torch.float32) == want
+    assert 8 * tk._lead_slots(128, 64, torch.float32) * 128 <= tk._GROUP_TILE
+    assert 8 * tk._lead_slots(32, 64, torch.float64) * 32 <= tk._GROUP_TILE // 2
 
 
 @pytest.mark.parametrize("group", [False, True], ids=["per_row", "group"])
