@@ -1020,6 +1020,9 @@ def _fwd_rows(
                 other=0.0).to(ACC)
     q = q * scale_hi + q * scale_lo
     if LEAD:
+        # Loaded as [rows, 1, D] rather than taken as q[:, None, :]: the 3-d load gives
+        # the products a layout with the rows in each thread's registers, where the
+        # expanded 2-d q led Triton to sum over D across all 32 lanes.
         q3 = tl.load(Q + h * sqh + offs_q[:, None, None] * sqn + offs_d[None, None, :],
                      mask=qd_ok[:, None, :], other=0.0).to(ACC)
         q3 = q3 * scale_hi + q3 * scale_lo
@@ -1062,10 +1065,9 @@ def _fwd_rows(
         if LEAD:
             vt = tl.load(V + h * svh + lead[None, :, None] * svn + offs_d[None, None, :],
                          mask=kv_ok, other=0.0).to(ACC)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt, 1)
         else:
             vt = _gather_rows(V, h * svh, idx, offs_d, kd_ok, svn, ACC)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt, 1)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt, 1)
         m_i = m_new
     _fwd_store(O, LSE, h * soh + offs_q * son, h * N + offs_q, q_ok, offs_d, qd_ok, acc, m_i,
                l_i)
@@ -1221,23 +1223,15 @@ def _attn_fwd_cluster_kernel(
     hc = cols // BLOCK_D  # head slot of each column
     dc = cols % BLOCK_D
     in_head = (hc[None, :] == hr[:, None]) & (dc < D)[None, :]
-    if not DOT:
-        # Shared lists gather each key once (LEAD), strays per query; both on FMA units.
-        offs_g = pid * GROUP + tl.arange(0, GROUP)
-        g_ok = offs_g < N
-        if shared:
-            for h in range(h_lo, h_hi):
-                _fwd_rows(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_g, g_ok,
-                          offs_g * M, 0, 0, 0, sqh, sqn, skh, skn, svh, svn, soh, son, spet,
-                          speh, sbkh, sbvh, N, M, D, scale_hi, scale_lo, pid * GROUP * M,
-                          HAS_PE, HAS_MASK, HAS_BLANK, False, GROUP, LEAD_M, BLOCK_D, ACC, FTZ,
-                          True)
-        else:
-            for h in range(h_lo, h_hi):
-                _fwd_rows(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_g, g_ok,
-                          offs_g * M, 0, 0, 0, sqh, sqn, skh, skn, svh, svn, soh, son, spet,
-                          speh, sbkh, sbvh, N, M, D, scale_hi, scale_lo, 0, HAS_PE, HAS_MASK,
-                          HAS_BLANK, False, GROUP, GEN_M, BLOCK_D, ACC, FTZ, False)
+    offs_g = pid * GROUP + tl.arange(0, GROUP)
+    g_ok = offs_g < N
+    if shared and not DOT:
+        # A shared list gathered once per chunk, the products on FMA units (LEAD).
+        for h in range(h_lo, h_hi):
+            _fwd_rows(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_g, g_ok,
+                      offs_g * M, 0, 0, 0, sqh, sqn, skh, skn, svh, svn, soh, son, spet, speh,
+                      sbkh, sbvh, N, M, D, scale_hi, scale_lo, pid * GROUP * M, HAS_PE,
+                      HAS_MASK, HAS_BLANK, False, GROUP, LEAD_M, BLOCK_D, ACC, FTZ, True)
     elif shared:
         for h in range(h_lo, h_hi, HEADS):
             r_ok = q_ok & (h + hr < h_hi)
@@ -1291,8 +1285,6 @@ def _attn_fwd_cluster_kernel(
             _fwd_store(O, LSE, (h + hr) * soh + offs_q * son, (h + hr) * N + offs_q, r_ok,
                        dc, rd_ok, acc, m_use, l_i)
     else:
-        offs_g = pid * GROUP + tl.arange(0, GROUP)
-        g_ok = offs_g < N
         for h in range(h_lo, h_hi):
             _fwd_rows(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_g, g_ok,
                       offs_g * M, 0, 0, 0, sqh, sqn, skh, skn, svh, svn, soh, son, spet, speh,
