@@ -82,9 +82,11 @@ def record() -> list:
         key = json.dumps([fn.__name__, key_values, opts], sort_keys=True, default=str)
         launches.setdefault(key, [fn.__name__, values, opts])
 
-    saved = tk._Launch.run, tk._INTERPRET, dict(tk.TUNING_GROUP)
+    saved = (tk._Launch.run, tk._INTERPRET, dict(tk.TUNING_GROUP), dict(tk.TUNING_GLUON),
+             tk._GLUON_MIN_PER_SM)
     tk._Launch.run = run
     tk._INTERPRET = False  # block sizes, FTZ, dot flags and kernel choices of a GPU
+    tk.TUNING_GLUON["fwd"] = False
     try:
         for group_on in (False, True):
             for key, warps in saved[2].items():
@@ -94,6 +96,12 @@ def record() -> list:
                               dict(pe=False, mask=False, blank=False)):
                     for deterministic in (False, True):
                         _attention_step(tk, testing, dtype, flags, deterministic)
+        if tk._attn_fwd_gluon_kernel is not None:
+            # The Gluon float32 forward, on any grid (a GPU takes it on large ones).
+            tk.TUNING_GLUON["fwd"], tk._GLUON_MIN_PER_SM = True, 0
+            for flags in (dict(pe=True, mask=True, blank=True),
+                          dict(pe=False, mask=False, blank=False)):
+                _attention_step(tk, testing, torch.float32, flags, False)
         g = torch.Generator().manual_seed(0)
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
             w = torch.randn(1, 24, 16, 3, generator=g).to(dtype).requires_grad_(True)
@@ -103,6 +111,8 @@ def record() -> list:
     finally:
         tk._Launch.run, tk._INTERPRET = saved[:2]
         tk.TUNING_GROUP.update(saved[2])
+        tk.TUNING_GLUON.update(saved[3])
+        tk._GLUON_MIN_PER_SM = saved[4]
     return list(launches.values())
 
 
@@ -152,6 +162,11 @@ def compile_launches(launches: list, arch: int, full: bool, module=None) -> list
 
     from cluster.triton_kernels import _Launch
 
+    try:
+        from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
+    except ImportError:  # a Triton without Gluon has no Gluon kernels to build
+        GluonASTSource = GluonJITFunction = None
+
     if module is None:
         from cluster import triton_kernels as module
     target = GPUTarget("cuda", arch, 32)
@@ -164,7 +179,8 @@ def compile_launches(launches: list, arch: int, full: bool, module=None) -> list
         t0 = time.perf_counter()
         try:
             sig, const = _signature(jf, values)
-            src = ASTSource(jf, sig, const)
+            gluon = GluonJITFunction is not None and isinstance(jf, GluonJITFunction)
+            src = (GluonASTSource if gluon else ASTSource)(jf, sig, const)
             if full:
                 triton.compile(src, target=target, options=opts)
             else:
@@ -215,6 +231,7 @@ def main(argv=None) -> int:
         with open(a.save, "w") as fh:
             json.dump(launches, fh, default=str)
     every = sorted(n for n, o in vars(tk).items() if isinstance(o, tk._Launch))
+    # (_attn_fwd_gluon_kernel is None, not a _Launch, on a Triton without Gluon.)
     stage = "cubin" if a.full else "Triton IR (front end)"
     failed = 0
     for arch in a.arch:

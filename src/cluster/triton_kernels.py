@@ -12,7 +12,10 @@ backward (one program per 8 keys) walks a group-level reverse map of (query grou
 block) pairs, each a dense 8 x 8 block of scores. All fall back to the per-query / per-key
 code for any input that does not have that layout; ``TUNING_GROUP`` (and
 ``TUNING_GROUP_HEADS``) say where they are used on the GPU
-(16-bit). ``TUNING_MAXNREG`` caps the registers of some kernels (launch options only).
+(16-bit). The float32 forward takes the group kernel's FMA path (``TUNING_GROUP_FMA``) or,
+on large grids, the Gluon kernel of :mod:`cluster.gluon_forward` (``TUNING_GLUON``),
+launched from ``_attn_forward`` here. ``TUNING_MAXNREG`` caps the registers of some
+kernels (launch options only).
 
 Determinism: the forward, dq and the blank gradients never use atomics, so they are
 bitwise reproducible in both modes. With ``deterministic`` False the backward takes two
@@ -43,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime import driver as _driver
+
+from . import gluon_forward as _gluon
 
 __all__ = [
     "MAX_HEAD_DIM",
@@ -127,6 +132,17 @@ TUNING_GROUP_HEADS: dict[str, int] = {"fwd": 1, "bwd_kv": 2}
 # aff_tiny_stage1 388 -> 365, aff_tiny_stage2 196 -> 175. 2 or 4 warps are 2-5x slower
 # (Triton spreads the warps over the reduced dimensions).
 TUNING_GROUP_FMA: dict[tuple[str, int], bool] = {("fwd", 4): True}
+# The float32 forward on Gluon's explicit layouts (gluon_forward) against the FMA group
+# path above, kernel times on the H200 (results/fwd-fp32-gluon-h200-2026-11-30.log):
+# affmae_stage1 385 -> 335 us, aff_tiny_stage1 361 -> 333, aff_tiny_stage2 174 -> 166,
+# highres 468 -> 439, but config_3_large 63 -> 68.5 (72.7 with its 8 heads split over
+# more programs): a grid of 1024 (group, batch) programs, under 8 per SM, each looping
+# over 8 heads. Gluon takes the float32 forwards whose grid gives every SM at least
+# _GLUON_MIN_PER_SM programs. "dc" / "kc": its D-chunk of the q . k products and slot
+# chunk of the p v products (4 / 4 the fastest of 2-16 / 1-8 in that log).
+TUNING_GLUON: dict[str, bool] = {"fwd": True}
+TUNING_GLUON_CHUNKS: dict[str, int] = {"dc": 4, "kc": 4}
+_GLUON_MIN_PER_SM = 8
 # Register cap (ptxas .maxnreg) per attention kernel ("fwd", "bwd_q", "bwd_kv", each with
 # "_group" for the group kernel) and value width; absent = the compiler's choice. With
 # one or two warps per program ptxas takes up to 255 registers a thread, which leaves 8
@@ -136,9 +152,12 @@ TUNING_GROUP_FMA: dict[tuple[str, int], bool] = {("fwd", 4): True}
 # config_3_large 0.081 -> 0.064; the per-query backward at 80 (16-bit) takes highres
 # 0.515 -> 0.483 and affmae_stage1's (float32, 128) 0.725 -> 0.691, the per-key one's
 # float32 0.800 -> 0.744. Caps slow the group forward and query-cluster backward (one
-# warp, 0.228 -> 0.277 ms at 168), so those keep the compiler's choice.
+# warp, 0.228 -> 0.277 ms at 168), so those keep the compiler's choice. The Gluon float32
+# forward ("fwd_gluon") at 128 against 255: affmae_stage1 400 -> 335 us (112: 408, 96: 477;
+# results/fwd-fp32-gluon-h200-2026-11-30.log).
 TUNING_MAXNREG: dict[tuple[str, int], int] = {
     ("bwd_kv_group", 2): 128, ("bwd_q", 2): 80, ("bwd_q", 4): 128, ("bwd_kv", 4): 128,
+    ("fwd_gluon", 4): 128,
 }
 
 
@@ -377,6 +396,13 @@ def _attn_blocks(D: int, M: int, dtype: torch.dtype, kind: str):
 _SM_COUNT: dict[int, int] = {}
 
 
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
 def _head_groups(n_blocks: int, B: int, H: int, device: torch.device,
                  step: int = 1) -> tuple[int, int]:
     """(heads per program, head groups): split the head loop only when the
@@ -384,10 +410,7 @@ def _head_groups(n_blocks: int, B: int, H: int, device: torch.device,
     heads per iteration of the program's loop; each program gets a multiple of it."""
     if device.type != "cuda":
         return H, 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    target = 4 * _SM_COUNT[index]
+    target = 4 * _sm_count(device)
     have = n_blocks * B
     if have >= target:
         return H, 1
@@ -1343,6 +1366,27 @@ def _group_blocks(D: int, M: int, dtype: torch.dtype, kind: str = "fwd"):
     return block_m, block_d, heads, _chunk_slots(kind, dtype, _GROUP, block_d, M), warps
 
 
+# The Gluon kernel, launched like the others (build_check records and compiles it too);
+# None on a Triton that cannot build it.
+_attn_fwd_gluon_kernel = (_Launch(_gluon._attn_fwd_gluon_kernel)
+                          if _gluon.available(_TRITON_RELEASE) else None)
+
+
+def _gluon_blocks(D: int, M: int, dtype: torch.dtype, n_programs: int,
+                  device: torch.device) -> tuple[int, int] | None:
+    """(BLOCK_M, BLOCK_D) of the Gluon float32 forward, or None for the triton kernels:
+    not float32, the interpreter (Gluon has none), a Triton before 3.6, TUNING_GLUON
+    off, a grid of fewer than _GLUON_MIN_PER_SM (group, batch) programs per SM, or a
+    shape outside gluon_forward.blocks."""
+    if dtype != torch.float32 or _INTERPRET or not _gluon.available(_TRITON_RELEASE):
+        return None
+    if not TUNING_GLUON.get("fwd", False):
+        return None
+    if _GLUON_MIN_PER_SM and n_programs < _GLUON_MIN_PER_SM * _sm_count(device):
+        return None
+    return _gluon.blocks(D, M)
+
+
 def _lead_slots(block_d: int, M: int, dtype: torch.dtype) -> int:
     """Slots per chunk of the group forward's FMA path (_fwd_rows' LEAD): a [GROUP, slots,
     block_d] product within _GROUP_TILE elements (half in float64), the chunk that costs
@@ -1410,8 +1454,18 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
     )
     flags = dict(HAS_PE=has_pe, HAS_MASK=has_mask, HAS_BLANK=has_blank, ACC=_tl_acc(q.dtype))
     grouped = _group_blocks(D, M, q.dtype)
+    gluon = _gluon_blocks(D, M, q.dtype, B * _cdiv(N, _GROUP), q.device)
     with _device_guard(q):
-        if grouped is not None:
+        if gluon is not None:
+            n_blocks = _cdiv(N, _GROUP)
+            hpg, nhg = _head_groups(n_blocks, B, H, q.device)
+            _attn_fwd_gluon_kernel[(n_blocks, B * nhg)](
+                *args, H, N, M, D, hi, lo, hpg, nhg, HAS_PE=has_pe, HAS_MASK=has_mask,
+                HAS_BLANK=has_blank, BLOCK_M=gluon[0], BLOCK_D=gluon[1],
+                DC=TUNING_GLUON_CHUNKS["dc"], KC=TUNING_GLUON_CHUNKS["kc"], num_warps=1,
+                maxnreg=_maxnreg("fwd_gluon", q.dtype),
+            )
+        elif grouped is not None:
             BM, BD, heads, GM, warps = grouped
             fma = TUNING_GROUP_FMA.get(("fwd", _width(q.dtype)), False)
             n_blocks = _cdiv(N, _GROUP)

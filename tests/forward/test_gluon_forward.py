@@ -1,0 +1,153 @@
+"""The Gluon float32 forward (cluster.gluon_forward) and its dispatch.
+
+The kernel itself runs on a GPU only (Gluon has no CPU interpreter); there it is checked
+against the float64 reference, against the triton FMA path (outputs and log-sum-exp), and
+through the backward. The dispatch rules run everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from cluster import gluon_forward, ops, reference, testing  # noqa: E402
+from cluster.testing import random_case  # noqa: E402
+
+_DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+_WHY = ops.backend_unavailable_reason("triton", _DEV, torch.float32)
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"triton backend unavailable: {_WHY}")
+if _WHY is None:
+    from cluster import triton_kernels as tk
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="Gluon kernels need a GPU")
+
+
+@pytest.mark.parametrize("D,M,want", [
+    (32, 64, (64, 32)), (32, 48, (64, 32)), (32, 32, (32, 32)), (12, 7, (32, 32)),
+    (64, 70, (64, 64)), (33, 65, (64, 64)), (65, 64, None), (128, 16, None), (32, 0, None),
+])
+def test_blocks(D, M, want):
+    assert gluon_forward.blocks(D, M) == want
+
+
+def test_dispatch(monkeypatch):
+    # float32 on a GPU, Triton >= 3.6, a grid of >= _GLUON_MIN_PER_SM programs per SM.
+    monkeypatch.setattr(tk, "_INTERPRET", False)
+    monkeypatch.setattr(tk, "_TRITON_RELEASE", (3, 6))
+    monkeypatch.setattr(tk, "_sm_count", lambda device: 132)
+    gpu_dev = torch.device("cuda", 0)
+    big = tk._GLUON_MIN_PER_SM * 132
+    assert tk._gluon_blocks(32, 64, torch.float32, big, gpu_dev) == (64, 32)
+    assert tk._gluon_blocks(32, 64, torch.float32, big - 1, gpu_dev) is None
+    assert tk._gluon_blocks(128, 64, torch.float32, big, gpu_dev) is None
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        assert tk._gluon_blocks(32, 64, dtype, big, gpu_dev) is None
+    monkeypatch.setitem(tk.TUNING_GLUON, "fwd", False)
+    assert tk._gluon_blocks(32, 64, torch.float32, big, gpu_dev) is None
+    monkeypatch.setitem(tk.TUNING_GLUON, "fwd", True)
+    monkeypatch.setattr(tk, "_TRITON_RELEASE", (3, 5))
+    assert tk._gluon_blocks(32, 64, torch.float32, big, gpu_dev) is None
+    monkeypatch.setattr(tk, "_TRITON_RELEASE", (3, 6))
+    monkeypatch.setattr(tk, "_INTERPRET", True)
+    assert tk._gluon_blocks(32, 64, torch.float32, big, gpu_dev) is None
+
+
+class _Spy:
+    """Counts launches of a kernel and passes them on."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def gluon_on(monkeypatch):
+    """The Gluon forward on every grid size (the suite's shapes are small), launches
+    counted."""
+    monkeypatch.setattr(tk, "_GLUON_MIN_PER_SM", 0)
+    spy = _Spy(tk._attn_fwd_gluon_kernel)
+    monkeypatch.setattr(tk, "_attn_fwd_gluon_kernel", spy)
+    return spy
+
+
+def _args(c):
+    return (c["q"], c["k"], c["v"], c["member_idx"], c["pe_table"], c["pe_idx"], c["mask"],
+            c["blank_k"], c["blank_v"])
+
+
+def _fp32(c):
+    return {n: (t.float() if t is not None and t.is_floating_point() else t)
+            for n, t in c.items()}
+
+
+# (B, H, N, D, M) and the case's options: shared lists, broken groups (every other group
+# strays), one chunk of 32 or 64 slots, several chunks (M > 64), D below one lane per
+# column, D = 64 (two columns a lane), N not a multiple of 8, rows with nothing valid.
+CASES = [
+    pytest.param((2, 3, 64, 32, 64), dict(group=8), id="shared_m64"),
+    pytest.param((2, 2, 61, 32, 48), dict(group=8, stray_every=2), id="strays_m48"),
+    pytest.param((1, 2, 45, 12, 70), dict(group=8, empty_rows=True), id="chunks_d12_empty"),
+    pytest.param((2, 2, 40, 64, 33), dict(group=8, stray_every=3), id="d64_m33_strays"),
+    pytest.param((1, 2, 24, 32, 16), dict(group=8, pe=False, blank=False), id="m16_plain"),
+    pytest.param((2, 1, 30, 20, 24), dict(mask=False), id="random_lists"),
+]
+
+
+@gpu
+@pytest.mark.parametrize("shape,opts", CASES)
+def test_forward_matches_reference(shape, opts, gluon_on, device):
+    B, H, N, D, M = shape
+    seed = zlib.crc32(repr((shape, opts)).encode()) % 1000
+    case = random_case(B, H, N, D, M, seed=seed, device=device, **opts)
+    want = reference.cluster_attention(*_args(case), scale=0.3)
+    c32 = _fp32(case)
+    out, lse = tk._attn_forward(*_args(c32), 0.3)
+    assert gluon_on.launches == 1
+    assert out.dtype == torch.float32
+    assert testing.within_fp32_tolerance(out, want, testing.TOLERANCES["forward"]), \
+        f"max abs err {testing.max_errors(out, want)[0]:.3e}"
+    # The same inputs through the triton FMA path: outputs and log-sum-exp (+inf on
+    # empty rows) agree to float32 rounding.
+    tk.TUNING_GLUON["fwd"] = False
+    try:
+        out_t, lse_t = tk._attn_forward(*_args(c32), 0.3)
+    finally:
+        tk.TUNING_GLUON["fwd"] = True
+    assert gluon_on.launches == 1
+    torch.testing.assert_close(out, out_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, lse_t, rtol=1e-5, atol=1e-5)
+
+
+@gpu
+def test_gradients_through_gluon_forward(gluon_on, device):
+    # The backward reads the forward's output and log-sum-exp.
+    case = random_case(2, 2, 56, 32, 40, seed=31, device=device, group=8, stray_every=3,
+                       empty_rows=True)
+    dout = testing.upstream_grad((2, 2, 56, 32), seed=31).to(device)
+    names = ("q", "k", "v", "pe_table", "blank_k", "blank_v")
+
+    def grads(c, backend):
+        leaves = {n: c[n].detach().clone().requires_grad_(True) for n in names}
+        kw = {n: leaves.get(n, c[n]) for n in ("pe_table", "pe_idx", "mask", "blank_k",
+                                               "blank_v")}
+        out = ops.cluster_attention(leaves["q"], leaves["k"], leaves["v"], c["member_idx"],
+                                    **kw, backend=backend)
+        out.backward(dout.to(out.dtype))
+        return {n: leaves[n].grad for n in names}
+
+    got = grads(_fp32(case), "triton")
+    assert gluon_on.launches == 1
+    want = grads(case, "reference")
+    for n in names:
+        assert testing.within_fp32_tolerance(got[n], want[n], testing.TOLERANCES["backward"]), \
+            f"{n}: max abs err {testing.max_errors(got[n], want[n])[0]:.3e}"
