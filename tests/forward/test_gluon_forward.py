@@ -99,6 +99,8 @@ CASES = [
     pytest.param((1, 2, 45, 12, 70), dict(group=8, empty_rows=True), id="chunks_d12_empty"),
     pytest.param((2, 2, 40, 64, 33), dict(group=8, stray_every=3), id="d64_m33_strays"),
     pytest.param((1, 2, 24, 32, 16), dict(group=8, pe=False, blank=False), id="m16_plain"),
+    pytest.param((1, 2, 37, 32, 40), dict(group=8, empty_rows=True, blank=False),
+                 id="empty_rows_no_blank"),
     pytest.param((2, 1, 30, 20, 24), dict(mask=False), id="random_lists"),
 ]
 
