@@ -237,14 +237,15 @@ if gluon is not None:
             if stray == 0:
                 _attend(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, pid, pid * G * M,
                         q_ok, sqh, sqn, skh, skn, svh, svn, soh, son, spet, speh, sbkh, sbvh,
-                        N, M, D, scale_hi, scale_lo, p_smem, lead_smem, q_smem, k_smem, HAS_PE, HAS_MASK,
-                        HAS_BLANK, BLOCK_M, BLOCK_D, DC, KC, L3K, L3V)
+                        N, M, D, scale_hi, scale_lo, p_smem, lead_smem, q_smem, k_smem,
+                        HAS_PE, HAS_MASK, HAS_BLANK, BLOCK_M, BLOCK_D, DC, KC, L3K, L3V)
             else:
                 # Queries with lists of their own: each one in turn, as the group's lead
-                # (the other rows' products are computed and dropped).
-                for gi in range(0, G):
+                # (the other rows' products are computed and dropped). Only rows < N: a
+                # lead past N would read past the batch's member_idx.
+                for gi in range(0, gl.minimum(G, N - pid * G)):
                     _attend(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, pid,
                             (pid * G + gi) * M, q_ok & (rows == gi), sqh, sqn, skh, skn, svh,
                             svn, soh, son, spet, speh, sbkh, sbvh, N, M, D, scale_hi,
-                            scale_lo, p_smem, lead_smem, q_smem, k_smem, HAS_PE, HAS_MASK, HAS_BLANK,
-                            BLOCK_M, BLOCK_D, DC, KC, L3K, L3V)
+                            scale_lo, p_smem, lead_smem, q_smem, k_smem, HAS_PE, HAS_MASK,
+                            HAS_BLANK, BLOCK_M, BLOCK_D, DC, KC, L3K, L3V)
