@@ -59,7 +59,9 @@ def blocks(D: int, M: int) -> tuple[int, int] | None:
     return block_m, block_d
 
 
-if gluon is not None:
+# GPU-only code (Gluon has no CPU interpreter), out of the CPU suite's coverage figure; the
+# GPU suite runs it (tests/forward/test_gluon_forward.py).
+if gluon is not None:  # pragma: no cover
 
     @gluon.jit
     def _exp_ftz(x):
