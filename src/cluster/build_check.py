@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         with open(a.save, "w") as fh:
             json.dump(launches, fh, default=str)
     every = sorted(n for n, o in vars(tk).items() if isinstance(o, tk._Launch))
-    # (_attn_fwd_gluon_kernel is None, not a _Launch, on a Triton without Gluon.)
+    # (_attn_fwd_gluon_kernel is None, not a _Launch, on a Triton before 3.6.)
     stage = "cubin" if a.full else "Triton IR (front end)"
     failed = 0
     for arch in a.arch:

@@ -153,8 +153,8 @@ _GLUON_MIN_PER_SM = 8
 # 0.515 -> 0.483 and affmae_stage1's (float32, 128) 0.725 -> 0.691, the per-key one's
 # float32 0.800 -> 0.744. Caps slow the group forward and query-cluster backward (one
 # warp, 0.228 -> 0.277 ms at 168), so those keep the compiler's choice. The Gluon float32
-# forward ("fwd_gluon") at 128 against 255: affmae_stage1 400 -> 335 us (112: 408, 96: 477;
-# results/fwd-fp32-gluon-h200-2026-11-30.log).
+# forward ("fwd_gluon") at 128 against the compiler's 255: affmae_stage1 400 -> 339 us
+# (one run; 112 and 96 in the next: 408, 477; results/fwd-fp32-gluon-h200-2026-11-30.log).
 TUNING_MAXNREG: dict[tuple[str, int], int] = {
     ("bwd_kv_group", 2): 128, ("bwd_q", 2): 80, ("bwd_q", 4): 128, ("bwd_kv", 4): 128,
     ("fwd_gluon", 4): 128,
