@@ -1454,12 +1454,12 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
     )
     flags = dict(HAS_PE=has_pe, HAS_MASK=has_mask, HAS_BLANK=has_blank, ACC=_tl_acc(q.dtype))
     grouped = _group_blocks(D, M, q.dtype)
-    gluon = _gluon_blocks(D, M, q.dtype, B * _cdiv(N, _GROUP), q.device)
+    n_groups = _cdiv(N, _GROUP)
+    gluon = _gluon_blocks(D, M, q.dtype, B * n_groups, q.device)
     with _device_guard(q):
         if gluon is not None:
-            n_blocks = _cdiv(N, _GROUP)
-            hpg, nhg = _head_groups(n_blocks, B, H, q.device)
-            _attn_fwd_gluon_kernel[(n_blocks, B * nhg)](
+            hpg, nhg = _head_groups(n_groups, B, H, q.device)
+            _attn_fwd_gluon_kernel[(n_groups, B * nhg)](
                 *args, H, N, M, D, hi, lo, hpg, nhg, HAS_PE=has_pe, HAS_MASK=has_mask,
                 HAS_BLANK=has_blank, BLOCK_M=gluon[0], BLOCK_D=gluon[1],
                 DC=TUNING_GLUON_CHUNKS["dc"], KC=TUNING_GLUON_CHUNKS["kc"], num_warps=1,
@@ -1468,9 +1468,8 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
         elif grouped is not None:
             BM, BD, heads, GM, warps = grouped
             fma = TUNING_GROUP_FMA.get(("fwd", _width(q.dtype)), False)
-            n_blocks = _cdiv(N, _GROUP)
-            hpg, nhg = _head_groups(n_blocks, B, H, q.device, heads)
-            _attn_fwd_cluster_kernel[(n_blocks, B * nhg)](
+            hpg, nhg = _head_groups(n_groups, B, H, q.device, heads)
+            _attn_fwd_cluster_kernel[(n_groups, B * nhg)](
                 *args, H, N, M, D, hi, lo, hpg, nhg, **flags, GROUP=_GROUP,
                 HEADS=heads, BLOCK_M=BM, BLOCK_D=BD, GEN_M=GM, **_dot_flags(q.dtype),
                 DOT=not fma, LEAD_M=_lead_slots(BD, M, q.dtype) if fma else 1,
