@@ -82,8 +82,7 @@ def record() -> list:
         key = json.dumps([fn.__name__, key_values, opts], sort_keys=True, default=str)
         launches.setdefault(key, [fn.__name__, values, opts])
 
-    saved = (tk._Launch.run, tk._INTERPRET, dict(tk.TUNING_GROUP), dict(tk.TUNING_GLUON),
-             tk._GLUON_MIN_PER_SM)
+    saved = (tk._Launch.run, tk._INTERPRET, dict(tk.TUNING_GROUP), dict(tk.TUNING_GLUON))
     tk._Launch.run = run
     tk._INTERPRET = False  # block sizes, FTZ, dot flags and kernel choices of a GPU
     tk.TUNING_GLUON["fwd"] = False
@@ -97,8 +96,8 @@ def record() -> list:
                     for deterministic in (False, True):
                         _attention_step(tk, testing, dtype, flags, deterministic)
         if tk._attn_fwd_gluon_kernel is not None:
-            # The Gluon float32 forward, on any grid (a GPU takes it on large ones).
-            tk.TUNING_GLUON["fwd"], tk._GLUON_MIN_PER_SM = True, 0
+            # The Gluon float32 forward (the passes above record the triton kernels).
+            tk.TUNING_GLUON["fwd"] = True
             for flags in (dict(pe=True, mask=True, blank=True),
                           dict(pe=False, mask=False, blank=False)):
                 _attention_step(tk, testing, torch.float32, flags, False)
@@ -112,7 +111,6 @@ def record() -> list:
         tk._Launch.run, tk._INTERPRET = saved[:2]
         tk.TUNING_GROUP.update(saved[2])
         tk.TUNING_GLUON.update(saved[3])
-        tk._GLUON_MIN_PER_SM = saved[4]
     return list(launches.values())
 
 

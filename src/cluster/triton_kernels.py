@@ -133,16 +133,12 @@ TUNING_GROUP_HEADS: dict[str, int] = {"fwd": 1, "bwd_kv": 2}
 # (Triton spreads the warps over the reduced dimensions).
 TUNING_GROUP_FMA: dict[tuple[str, int], bool] = {("fwd", 4): True}
 # The float32 forward on Gluon's explicit layouts (gluon_forward) against the FMA group
-# path above, kernel times on the H200 (results/fwd-fp32-gluon-h200-2026-11-30.log):
-# affmae_stage1 385 -> 335 us, aff_tiny_stage1 361 -> 333, aff_tiny_stage2 174 -> 166,
-# highres 468 -> 439, but config_3_large 63 -> 68.5 (72.7 with its 8 heads split over
-# more programs): a grid of 1024 (group, batch) programs, under 8 per SM, each looping
-# over 8 heads. Gluon takes the float32 forwards whose grid gives every SM at least
-# _GLUON_MIN_PER_SM programs. "dc" / "kc": its D-chunk of the q . k products and slot
-# chunk of the p v products (4 / 4 the fastest of 2-16 / 1-8 in that log).
+# path above, kernel times on the H200 (results/fwd-fp32-gluon-async-h200-2026-11-30.log,
+# one process): affmae_stage1 388 -> 275 us, aff_tiny_stage1 365 -> 302, aff_tiny_stage2
+# 175 -> 143, highres 473 -> 394, config_3_large 62.8 -> 60.3. "dc" / "kc": the D-chunk of
+# its q . k dots and the slot chunk of its p v dots (16 each: gl.dot_fma takes K >= 16).
 TUNING_GLUON: dict[str, bool] = {"fwd": True}
-TUNING_GLUON_CHUNKS: dict[str, int] = {"dc": 4, "kc": 4}
-_GLUON_MIN_PER_SM = 8
+TUNING_GLUON_CHUNKS: dict[str, int] = {"dc": 16, "kc": 16}
 # Register cap (ptxas .maxnreg) per attention kernel ("fwd", "bwd_q", "bwd_kv", each with
 # "_group" for the group kernel) and value width; absent = the compiler's choice. With
 # one or two warps per program ptxas takes up to 255 registers a thread, which leaves 8
@@ -153,8 +149,9 @@ _GLUON_MIN_PER_SM = 8
 # 0.515 -> 0.483 and affmae_stage1's (float32, 128) 0.725 -> 0.691, the per-key one's
 # float32 0.800 -> 0.744. Caps slow the group forward and query-cluster backward (one
 # warp, 0.228 -> 0.277 ms at 168), so those keep the compiler's choice. The Gluon float32
-# forward ("fwd_gluon") at 128 against the compiler's 255: affmae_stage1 400 -> 339 us
-# (one run; 112 and 96 in the next: 408, 477; results/fwd-fp32-gluon-h200-2026-11-30.log).
+# forward ("fwd_gluon") at 128: affmae_stage1 275 us against 293 at 168 (12 programs an
+# SM), config_3_large 60.3 against 56.8; the other three shapes as affmae_stage1
+# (results/fwd-fp32-gluon-async-h200-2026-11-30.log).
 TUNING_MAXNREG: dict[tuple[str, int], int] = {
     ("bwd_kv_group", 2): 128, ("bwd_q", 2): 80, ("bwd_q", 4): 128, ("bwd_kv", 4): 128,
     ("fwd_gluon", 4): 128,
@@ -1372,17 +1369,13 @@ _attn_fwd_gluon_kernel = (_Launch(_gluon._attn_fwd_gluon_kernel)
                           if _gluon.available(_TRITON_RELEASE) else None)
 
 
-def _gluon_blocks(D: int, M: int, dtype: torch.dtype, n_programs: int,
-                  device: torch.device) -> tuple[int, int] | None:
+def _gluon_blocks(D: int, M: int, dtype: torch.dtype) -> tuple[int, int] | None:
     """(BLOCK_M, BLOCK_D) of the Gluon float32 forward, or None for the triton kernels:
     not float32, the interpreter (Gluon has none), a Triton before 3.6, TUNING_GLUON
-    off, a grid of fewer than _GLUON_MIN_PER_SM (group, batch) programs per SM, or a
-    shape outside gluon_forward.blocks."""
+    off, or a shape outside gluon_forward.blocks."""
     if dtype != torch.float32 or _INTERPRET or not _gluon.available(_TRITON_RELEASE):
         return None
     if not TUNING_GLUON.get("fwd", False):
-        return None
-    if _GLUON_MIN_PER_SM and n_programs < _GLUON_MIN_PER_SM * _sm_count(device):
         return None
     return _gluon.blocks(D, M)
 
@@ -1455,14 +1448,15 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
     flags = dict(HAS_PE=has_pe, HAS_MASK=has_mask, HAS_BLANK=has_blank, ACC=_tl_acc(q.dtype))
     grouped = _group_blocks(D, M, q.dtype)
     n_groups = _cdiv(N, _GROUP)
-    gluon = _gluon_blocks(D, M, q.dtype, B * n_groups, q.device)
+    gluon = _gluon_blocks(D, M, q.dtype)
     with _device_guard(q):
         if gluon is not None:
             hpg, nhg = _head_groups(n_groups, B, H, q.device)
             _attn_fwd_gluon_kernel[(n_groups, B * nhg)](
                 *args, H, N, M, D, hi, lo, hpg, nhg, HAS_PE=has_pe, HAS_MASK=has_mask,
                 HAS_BLANK=has_blank, BLOCK_M=gluon[0], BLOCK_D=gluon[1],
-                DC=TUNING_GLUON_CHUNKS["dc"], KC=TUNING_GLUON_CHUNKS["kc"], num_warps=1,
+                NCH=_cdiv(M, gluon[0]), DC=TUNING_GLUON_CHUNKS["dc"],
+                KC=TUNING_GLUON_CHUNKS["kc"], num_warps=1,
                 maxnreg=_maxnreg("fwd_gluon", q.dtype),
             )
         elif grouped is not None:
