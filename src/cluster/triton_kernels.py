@@ -139,6 +139,11 @@ TUNING_GROUP_FMA: dict[tuple[str, int], bool] = {("fwd", 4): True}
 # its q . k dots and the slot chunk of its p v dots (16 each: gl.dot_fma takes K >= 16).
 TUNING_GLUON: dict[str, bool] = {"fwd": True}
 TUNING_GLUON_CHUNKS: dict[str, int] = {"dc": 16, "kc": 16}
+# The Gluon kernel keeps 16 one-warp programs resident per SM (128 registers); grids of
+# fewer than 8 per SM split their heads over more programs. config_3_large (1024 programs
+# of 8 heads on 132 SMs): 60.1 us unsplit, 51.4 in 2 head groups (one full wave of 2048),
+# 62.7 / 55.1 / 62.5 in 3 / 4 / 8 (results/fwd-fp32-gluon-async-h200-2026-11-30.log).
+_GLUON_PER_SM = 8
 # Register cap (ptxas .maxnreg) per attention kernel ("fwd", "bwd_q", "bwd_kv", each with
 # "_group" for the group kernel) and value width; absent = the compiler's choice. With
 # one or two warps per program ptxas takes up to 255 registers a thread, which leaves 8
@@ -401,13 +406,14 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _head_groups(n_blocks: int, B: int, H: int, device: torch.device,
-                 step: int = 1) -> tuple[int, int]:
+                 step: int = 1, per_sm: int = 4) -> tuple[int, int]:
     """(heads per program, head groups): split the head loop only when the
-    (row block, batch) grid alone would leave streaming multiprocessors idle. ``step``:
-    heads per iteration of the program's loop; each program gets a multiple of it."""
+    (row block, batch) grid alone would give streaming multiprocessors fewer than
+    ``per_sm`` programs each. ``step``: heads per iteration of the program's loop; each
+    program gets a multiple of it."""
     if device.type != "cuda":
         return H, 1
-    target = 4 * _sm_count(device)
+    target = per_sm * _sm_count(device)
     have = n_blocks * B
     if have >= target:
         return H, 1
@@ -1451,7 +1457,7 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
     gluon = _gluon_blocks(D, M, q.dtype)
     with _device_guard(q):
         if gluon is not None:
-            hpg, nhg = _head_groups(n_groups, B, H, q.device)
+            hpg, nhg = _head_groups(n_groups, B, H, q.device, per_sm=_GLUON_PER_SM)
             _attn_fwd_gluon_kernel[(n_groups, B * nhg)](
                 *args, H, N, M, D, hi, lo, hpg, nhg, HAS_PE=has_pe, HAS_MASK=has_mask,
                 HAS_BLANK=has_blank, BLOCK_M=gluon[0], BLOCK_D=gluon[1],

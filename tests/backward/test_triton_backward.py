@@ -259,7 +259,7 @@ def test_group_kernels_heads_per_tile(heads, split, monkeypatch):
     for kind in ("fwd", "bwd_kv"):
         monkeypatch.setitem(tk.TUNING_GROUP_HEADS, kind, heads)
     if split is not None:
-        monkeypatch.setattr(tk, "_head_groups", lambda n, B, H, dev, step=1: split)
+        monkeypatch.setattr(tk, "_head_groups", lambda n, B, H, dev, step=1, per_sm=4: split)
     dout = dout_for(case, 31)
     ref_out, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
     out, g = fwd_bwd(leaves(case, torch.float32), "triton", dout)
@@ -751,7 +751,7 @@ def test_head_groups_backward(monkeypatch):
     case = make_case(1, 3, 30, 12, 10, seed=20)
     dout = dout_for(case, 20)
     _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
-    monkeypatch.setattr(tk, "_head_groups", lambda n, B, H, dev, step=1: (2, 2))
+    monkeypatch.setattr(tk, "_head_groups", lambda n, B, H, dev, step=1, per_sm=4: (2, 2))
     for det in (False, True):
         _, g = fwd_bwd(leaves(case, torch.float64), "triton", dout, deterministic=det)
         for n in g:

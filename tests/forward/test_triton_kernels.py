@@ -246,16 +246,17 @@ def test_cdiv_is_tritons():
             assert tk._cdiv(a, b) == triton.cdiv(a, b)
 
 
-@pytest.mark.parametrize("n_blocks,B,H,step,want", [
-    (32, 32, 8, 1, (8, 1)),   # config_3_large's grid fills the GPU: no split
-    (1, 1, 8, 1, (1, 8)), (7, 3, 5, 1, (1, 5)), (7, 3, 5, 2, (2, 3)), (3, 2, 6, 4, (4, 2)),
-    (1, 2, 3, 2, (2, 2)),
+@pytest.mark.parametrize("n_blocks,B,H,step,per_sm,want", [
+    (32, 32, 8, 1, 4, (8, 1)),   # config_3_large's grid has 4 programs per SM: no split
+    (32, 32, 8, 1, 8, (4, 2)),   # but under 8 (the Gluon forward's rule): 2 head groups
+    (1, 1, 8, 1, 4, (1, 8)), (7, 3, 5, 1, 4, (1, 5)), (7, 3, 5, 2, 4, (2, 3)),
+    (3, 2, 6, 4, 4, (4, 2)), (1, 2, 3, 2, 4, (2, 2)),
 ])
-def test_head_group_split(n_blocks, B, H, step, want, monkeypatch):
+def test_head_group_split(n_blocks, B, H, step, per_sm, want, monkeypatch):
     # The split of the head loop on a GPU with 132 SMs (a device object only: no GPU used):
     # heads per program a multiple of step, enough groups to cover every head.
     monkeypatch.setitem(tk._SM_COUNT, 0, 132)
-    hpg, nhg = tk._head_groups(n_blocks, B, H, torch.device("cuda:0"), step)
+    hpg, nhg = tk._head_groups(n_blocks, B, H, torch.device("cuda:0"), step, per_sm)
     assert (hpg, nhg) == want
     assert hpg % step == 0 and hpg * nhg >= H > hpg * (nhg - 1)
 
@@ -264,7 +265,7 @@ def test_head_groups(monkeypatch):
     # On a GPU small grids split the heads over programs; force the split here.
     case = make_case(1, 3, 30, 12, 10, seed=7, device=_DEV)
     ref = run_reference(case)
-    monkeypatch.setattr(tk, "_head_groups", lambda n, B, H, dev, step=1: (2, 2))
+    monkeypatch.setattr(tk, "_head_groups", lambda n, B, H, dev, step=1, per_sm=4: (2, 2))
     assert_close(run_triton(case), ref, 1e-12, "out")
 
 
