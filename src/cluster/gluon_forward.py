@@ -52,12 +52,18 @@ def available(release: tuple[int, int]) -> bool:
     return gluon is not None and release >= MIN_TRITON
 
 
+# Longest key list: the per-program slot tables hold every chunk of the list in shared
+# memory (1.1 KB a chunk); 256 slots (AFF's lists have 48 or 64) keep a program under 21 KB.
+MAX_M = 256
+
+
 def blocks(D: int, M: int) -> tuple[int, int] | None:
     """(BLOCK_M, BLOCK_D) of the kernel, or None where it does not apply: a lane per slot
-    and per column, so slots come in chunks of 32 (longer lists loop over chunks) and D
-    is at most 64 (AFF's heads have D = 32). Chunks of 64 slots (two a lane) were slower:
-    affmae_stage1 365 against 330 us (results/fwd-fp32-gluon-async-h200-2026-11-30.log)."""
-    if D > 64 or M < 1:
+    and per column, so slots come in chunks of 32 (longer lists loop over chunks, up to
+    MAX_M slots) and D is at most 64 (AFF's heads have D = 32). Chunks of 64 slots (two a
+    lane) were slower: affmae_stage1 365 against 330 us
+    (results/fwd-fp32-gluon-async-h200-2026-11-30.log)."""
+    if D > 64 or M < 1 or M > MAX_M:
         return None
     return 32, (32 if D <= 32 else 64)
 
@@ -78,9 +84,10 @@ if gluon is not None:  # pragma: no cover
     def _slots_to_smem(IDX, PEIDX, MASK, lead_off, sel, g_s, m0, M, spet, lead_dst, okpe_dst,
                        HAS_PE: gl.constexpr, HAS_MASK: gl.constexpr, BLOCK_M: gl.constexpr,
                        LS: gl.constexpr):
-        """Chunk m0's key rows (as _rows_to_smem) into lead_dst and, per query and slot,
-        the bias row offset (pe_idx * its stride; 0 without a bias) or -1 where the slot is
-        not valid, into okpe_dst: the same for every head, loaded once."""
+        """Chunk m0's key rows into lead_dst, -1 for a slot that no selected query uses
+        (its row is never read: a masked slot's index may be anything); per query and
+        slot, the bias row offset (pe_idx * its stride; 0 without a bias) or -1 where the
+        slot is not valid, into okpe_dst. The same for every head: loaded once."""
         offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LS))
         ok = gl.expand_dims(sel, 1) & gl.expand_dims(offs_m < M, 0)
         off = gl.expand_dims(g_s * M, 1) + gl.expand_dims(offs_m, 0)
@@ -108,6 +115,7 @@ if gluon is not None:  # pragma: no cover
 
     @gluon.jit
     def _copy_q(q_smem, qh, sqn, pid, N, D, BLOCK_D: gl.constexpr, LT: gl.constexpr):
+        """Asynchronous copy of the group's 8 query rows; rows past N zero-filled."""
         g_t = pid * 8 + gl.arange(0, 8, layout=gl.SliceLayout(1, LT))
         d_t = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, LT))
         _cp.async_copy_global_to_shared(

@@ -1375,13 +1375,16 @@ _attn_fwd_gluon_kernel = (_Launch(_gluon._attn_fwd_gluon_kernel)
                           if _gluon.available(_TRITON_RELEASE) else None)
 
 
-def _gluon_blocks(D: int, M: int, dtype: torch.dtype) -> tuple[int, int] | None:
+def _gluon_blocks(D: int, M: int, dtype: torch.dtype,
+                  pe_span: int = 0) -> tuple[int, int] | None:
     """(BLOCK_M, BLOCK_D) of the Gluon float32 forward, or None for the triton kernels:
     not float32, the interpreter (Gluon has none), a Triton before 3.6, TUNING_GLUON
-    off, or a shape outside gluon_forward.blocks."""
+    off, a shape outside gluon_forward.blocks, or a bias table whose farthest element
+    (``pe_span`` elements from its start) int32 offsets cannot reach: the kernel keeps
+    bias row offsets as int32 in shared memory."""
     if dtype != torch.float32 or _INTERPRET or not _gluon.available(_TRITON_RELEASE):
         return None
-    if not TUNING_GLUON.get("fwd", False):
+    if not TUNING_GLUON.get("fwd", False) or pe_span >= 2**31:
         return None
     return _gluon.blocks(D, M)
 
@@ -1454,7 +1457,8 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
     flags = dict(HAS_PE=has_pe, HAS_MASK=has_mask, HAS_BLANK=has_blank, ACC=_tl_acc(q.dtype))
     grouped = _group_blocks(D, M, q.dtype)
     n_groups = _cdiv(N, _GROUP)
-    gluon = _gluon_blocks(D, M, q.dtype)
+    pe_span = ((pe_t.shape[0] - 1) * pe_t.stride(0) + (H - 1) * pe_t.stride(1)) if has_pe else 0
+    gluon = _gluon_blocks(D, M, q.dtype, pe_span)
     with _device_guard(q):
         if gluon is not None:
             hpg, nhg = _head_groups(n_groups, B, H, q.device, per_sm=_GLUON_PER_SM)

@@ -32,16 +32,20 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="Gluon kernels ne
 @pytest.mark.parametrize("D,M,want", [
     (32, 64, (32, 32)), (32, 48, (32, 32)), (32, 32, (32, 32)), (12, 7, (32, 32)),
     (64, 70, (32, 64)), (33, 65, (32, 64)), (65, 64, None), (128, 16, None), (32, 0, None),
+    (32, 256, (32, 32)), (32, 257, None),
 ])
 def test_blocks(D, M, want):
     assert gluon_forward.blocks(D, M) == want
 
 
 def test_dispatch(monkeypatch):
-    # float32 on a GPU with Triton >= 3.6 and TUNING_GLUON on, D <= 64.
+    # float32 on a GPU with Triton >= 3.6 and TUNING_GLUON on, D <= 64, a bias table that
+    # int32 offsets reach.
     monkeypatch.setattr(tk, "_INTERPRET", False)
     monkeypatch.setattr(tk, "_TRITON_RELEASE", (3, 6))
     assert tk._gluon_blocks(32, 64, torch.float32) == (32, 32)
+    assert tk._gluon_blocks(32, 64, torch.float32, pe_span=2**31 - 1) == (32, 32)
+    assert tk._gluon_blocks(32, 64, torch.float32, pe_span=2**31) is None
     assert tk._gluon_blocks(128, 64, torch.float32) is None
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         assert tk._gluon_blocks(32, 64, dtype) is None
