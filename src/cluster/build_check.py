@@ -76,8 +76,10 @@ def record() -> list:
                 values[k] = _describe(v)
             else:
                 opts[k] = v
-        # Runtime integers matter to the compiler only by width: one launch per width.
-        key_values = {k: (v if k in const or v[0] != "int" else ["int", abs(v[1]) >= 2**31])
+        # Runtime integers matter to the compiler by width and by what the JIT specializes
+        # on (equal to 1, a multiple of 16): one launch per class.
+        key_values = {k: (v if k in const or v[0] != "int" else
+                          ["int", abs(v[1]) >= 2**31, v[1] == 1, v[1] % 16 == 0])
                       for k, v in values.items()}
         key = json.dumps([fn.__name__, key_values, opts], sort_keys=True, default=str)
         launches.setdefault(key, [fn.__name__, values, opts])
@@ -101,6 +103,9 @@ def record() -> list:
             for flags in (dict(pe=True, mask=True, blank=True),
                           dict(pe=False, mask=False, blank=False)):
                 _attention_step(tk, testing, torch.float32, flags, False)
+            # One head: H, heads per program and head groups all 1 (see gluon_forward).
+            _attention_step(tk, testing, torch.float32, dict(pe=True, mask=False, blank=True),
+                            False, heads=1)
         g = torch.Generator().manual_seed(0)
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
             w = torch.randn(1, 24, 16, 3, generator=g).to(dtype).requires_grad_(True)
@@ -114,8 +119,9 @@ def record() -> list:
     return list(launches.values())
 
 
-def _attention_step(tk, testing, dtype, flags, deterministic) -> None:
-    case = testing.random_case(1, 2, 24, 16, 16, seed=1, group=8, whole_clusters=True, **flags)
+def _attention_step(tk, testing, dtype, flags, deterministic, heads=2) -> None:
+    case = testing.random_case(1, heads, 24, 16, 16, seed=1, group=8, whole_clusters=True,
+                               **flags)
     c = {k: (v.to(dtype).requires_grad_(k in ("q", "k", "v", "pe_table", "blank_k", "blank_v"))
              if v is not None and v.is_floating_point() else v) for k, v in case.items()}
     out = tk.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], c["pe_table"],
@@ -125,28 +131,44 @@ def _attention_step(tk, testing, dtype, flags, deterministic) -> None:
 
 
 def _signature(jf, values: dict):
+    """(signature, constexprs, attributes) of one recorded launch, specialized as Triton's
+    JIT specializes a launch: an integer equal to 1 becomes the constant 1, an integer that
+    is a multiple of 16 and every tensor's address (torch allocates at 16-byte multiples or
+    more) carry divisibility 16, except where the kernel opts out (do_not_specialize,
+    do_not_specialize_on_alignment). Folding and vectorizing follow from these, and so do
+    compiler failures of that specialization alone (Triton 3.6 fails on the Gluon forward
+    with its head count specialized to 1: gluon_forward)."""
     import triton.language as tl
 
     dtypes = {str(getattr(tl, n)): getattr(tl, n) for n in
               ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
                "uint8")}
-    sig, const = {}, {}
-    for p in jf.params:
+    sig, const, attrs = {}, {}, {}
+    for i, p in enumerate(jf.params):
         kind, v = values.get(p.name, ["default", p.default])
+        free = getattr(p, "do_not_specialize", False)
+        aligned = not free and not getattr(p, "do_not_specialize_on_alignment", False)
         if p.is_constexpr:
             sig[p.name] = "constexpr"
             const[p.name] = dtypes[v] if kind == "tl" else v
         elif kind == "tensor":
             sig[p.name] = "*" + _POINTER_TYPES[v]
+            if aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif kind == "bool":
             sig[p.name] = "i1"
         elif kind == "int":
+            if v == 1 and not free:
+                sig[p.name], const[p.name] = "constexpr", 1
+                continue
             sig[p.name] = "i64" if abs(v) >= 2**31 else "i32"
+            if aligned and v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif kind == "float":
             sig[p.name] = "fp32"
         else:
             raise TypeError(f"{jf.__name__}: argument {p.name}: cannot type {kind} {v!r}")
-    return sig, const
+    return sig, const, attrs
 
 
 def compile_launches(launches: list, arch: int, full: bool, module=None) -> list[tuple]:
@@ -176,9 +198,9 @@ def compile_launches(launches: list, arch: int, full: bool, module=None) -> list
         opts = {k: v for k, v in opts.items() if v is not None}
         t0 = time.perf_counter()
         try:
-            sig, const = _signature(jf, values)
+            sig, const, attrs = _signature(jf, values)
             gluon = GluonJITFunction is not None and isinstance(jf, GluonJITFunction)
-            src = (GluonASTSource if gluon else ASTSource)(jf, sig, const)
+            src = (GluonASTSource if gluon else ASTSource)(jf, sig, const, attrs)
             if full:
                 triton.compile(src, target=target, options=opts)
             else:

@@ -104,3 +104,28 @@ def test_build_check_reports_what_the_compiler_rejects(tmp_path):
     (bad, _o, bad_err, _s), (good, _o2, good_err, _s2) = results
     assert bad == "bad_kernel" and bad_err is not None and "Mismatched type" in bad_err
     assert good == "good_kernel" and good_err is None
+
+
+def test_signature_specializes_as_the_jit():
+    # Integers equal to 1 become constants and multiples of 16 and tensors carry
+    # divisibility 16, as Triton's JIT specializes them, except for the parameters a kernel
+    # opts out (the Gluon forward's H: Triton 3.6 fails lowering its 1-specialization).
+    from collections import namedtuple
+
+    P = namedtuple("P", "name is_constexpr do_not_specialize do_not_specialize_on_alignment "
+                        "default")
+
+    class Kernel:
+        __name__ = "kernel"
+        params = [P("X", False, False, False, None), P("n", False, False, False, None),
+                  P("m", False, False, False, None), P("H", False, True, False, None),
+                  P("s", False, False, True, None), P("BLOCK", True, False, False, None)]
+
+    sig, const, attrs = build_check._signature(Kernel, {
+        "X": ["tensor", "float32"], "n": ["int", 1], "m": ["int", 32], "H": ["int", 1],
+        "s": ["int", 48], "BLOCK": ["int", 16]})
+    assert sig == {"X": "*fp32", "n": "constexpr", "m": "i32", "H": "i32", "s": "i32",
+                   "BLOCK": "constexpr"}
+    assert const == {"n": 1, "BLOCK": 16}
+    assert attrs == {(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
+
