@@ -164,7 +164,7 @@ if gluon is not None:  # pragma: no cover
                 okpe = okpe_smem.index(c).load(LS)
                 ok = okpe >= 0
                 if HAS_PE:
-                    # Issued before the wait, so that its latency overlaps it.
+                    # Issued before the wait, so that their latencies overlap.
                     bias = gl.load(PE + okpe + h * speh, mask=ok, other=0.0)
                 _cp.wait_group(1)
                 s = gl.zeros([G, BLOCK_M], gl.float32, LS)

@@ -12,10 +12,10 @@ backward (one program per 8 keys) walks a group-level reverse map of (query grou
 block) pairs, each a dense 8 x 8 block of scores. All fall back to the per-query / per-key
 code for any input that does not have that layout; ``TUNING_GROUP`` (and
 ``TUNING_GROUP_HEADS``) say where they are used on the GPU
-(16-bit). The float32 forward takes the group kernel's FMA path (``TUNING_GROUP_FMA``) or,
-on large grids, the Gluon kernel of :mod:`cluster.gluon_forward` (``TUNING_GLUON``),
-launched from ``_attn_forward`` here. ``TUNING_MAXNREG`` caps the registers of some
-kernels (launch options only).
+(16-bit). The float32 forward takes the Gluon kernel of :mod:`cluster.gluon_forward`
+(``TUNING_GLUON``; D <= 64, lists up to 256 slots, Triton >= 3.6), launched from
+``_attn_forward`` here, and otherwise the group kernel's FMA path (``TUNING_GROUP_FMA``).
+``TUNING_MAXNREG`` caps the registers of some kernels (launch options only).
 
 Determinism: the forward, dq and the blank gradients never use atomics, so they are
 bitwise reproducible in both modes. With ``deterministic`` False the backward takes two
