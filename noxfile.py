@@ -2,7 +2,7 @@
 
 Main job:   nox -s validate        every backend present vs the float64 reference, one table
 Tests:      nox -s tests-3.11      the suite (pytest-xdist), posargs go to pytest
-Others:     coverage, lint, build, check-compile, gpu, bench, compat, compat-diff
+Others:     coverage, lint, build, build-check, check-compile, gpu, bench, compat, compat-diff
 
 torch / triton versions come from ONE place: TORCH_VERSION / TRITON_VERSION below, each
 overridable by the environment variables CLUSTER_TORCH / CLUSTER_TRITON. On a host without a
@@ -125,6 +125,15 @@ def build(session: nox.Session) -> None:
     default 8.0;9.0) into the cache the package loads it from."""
     env = {"TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")}
     session.run("python", "-m", "cluster.cuda_ext", "build", *session.posargs, env=env)
+
+
+@nox.session(name="build-check", python="3.11")
+def build_check(session: nox.Session) -> None:
+    """Every Triton kernel launch of the triton backend compiled to a cubin for sm_90 by the
+    declared Triton, ptxas included, no GPU needed (cluster.build_check --full): compiler
+    failures the interpreter never meets. Posargs replace those arguments."""
+    _install(session)
+    session.run("python", "-m", "cluster.build_check", *(session.posargs or ["--full", "--arch", "90"]))
 
 
 @nox.session(name="check-compile", python="3.11")
