@@ -8,11 +8,13 @@ so each q . k sum crosses lanes and the scores change layout through shared memo
 the softmax (results/fwd-fp32-lead-h200-2026-11-29.log). Here the layouts are stated: one
 warp per program, the 8 queries of one cluster, heads looped.
 
-* scores [8 queries, 32 slots] and outputs [8 queries, BLOCK_D]: a lane per slot / column,
-  the 8 queries in every thread. q . k and p v are FMA dots (``gl.dot_fma``) on that
-  layout: each lane sums its slot's (column's) products in its own registers, one FFMA per
-  product; the operands come from shared memory (q and p broadcast to every lane, a key
-  row or value column per lane).
+* scores [8 queries, 32 slots] and outputs [8 queries, BLOCK_D]: each thread holds a 2 x 4
+  block (2 queries, 4 slots / columns), the warp's lanes 4 x 8 of them. q . k and p v are
+  FMA dots (``gl.dot_fma``) on that layout: each thread sums its block's products in its
+  own registers, one FFMA per product, with operands read from shared memory. A 2 x 4
+  block reads 2 + 4 operand rows for 8 products a column; the earlier lane-per-slot
+  layout (8 queries x 1 slot a thread) read 8 + 1, and its softmax sums crossed 32 lanes
+  instead of 8: affmae_stage1 211 against 275 us (results/fwd-fp32-gluon-layout-h200-2026-11-30.log).
 * the step is (head, 32-slot chunk). Its q, key and value tiles are copied from global
   memory straight into shared memory with asynchronous copies (cp.async, 16-byte
   vectors), issued one step ahead: the next step's q and keys as soon as this step's
@@ -22,8 +24,9 @@ warp per program, the 8 queries of one cluster, heads looped.
 * per query and slot, whether the slot is valid and its bias row offset are the same for
   every head: read once per program into shared memory (with the chunk's key rows), so a
   head's step reads the bias table only.
-* the key tile is XOR-swizzled by row (16-byte vectors): 32 lanes read 32 rows' same
-  columns without bank conflicts.
+* the shared tiles are XOR-swizzled by row (16-byte vectors) so that the rows a warp's
+  lanes read at once land in different banks: 8 key rows (4 apart), 4 query or p rows (2
+  apart). Unswizzled, the same kernel ran 383 us at affmae_stage1.
 
 A group whose queries name different keys (never in AFF, possible with any member_idx)
 runs the same code once per query, each as the group's lead with only its own row
@@ -58,10 +61,10 @@ MAX_M = 256
 
 
 def blocks(D: int, M: int) -> tuple[int, int] | None:
-    """(BLOCK_M, BLOCK_D) of the kernel, or None where it does not apply: a lane per slot
-    and per column, so slots come in chunks of 32 (longer lists loop over chunks, up to
-    MAX_M slots) and D is at most 64 (AFF's heads have D = 32). Chunks of 64 slots (two a
-    lane) were slower: affmae_stage1 365 against 330 us
+    """(BLOCK_M, BLOCK_D) of the kernel, or None where it does not apply: slots come in
+    chunks of 32 (longer lists loop over chunks, up to MAX_M slots) and D is at most 64
+    (AFF's heads have D = 32). Chunks of 64 slots were slower in the earlier lane-per-slot
+    layout: affmae_stage1 365 against 330 us
     (results/fwd-fp32-gluon-async-h200-2026-11-30.log)."""
     if D > 64 or M < 1 or M > MAX_M:
         return None
@@ -160,6 +163,8 @@ if gluon is not None:  # pragma: no cover
             l_i = gl.zeros([G], gl.float32, ROW_S)
             acc = gl.zeros([G, BLOCK_D], gl.float32, LS)
             sb = gl.zeros([G], gl.float32, ROW_S)
+            if HAS_BLANK:
+                bk = gl.load(BK + h * sbkh + d_o, mask=d_o < D, other=0.0)
             for c in range(0, NCH):
                 okpe = okpe_smem.index(c).load(LS)
                 ok = okpe >= 0
@@ -172,10 +177,10 @@ if gluon is not None:  # pragma: no cover
                     s = gl.dot_fma(q_smem.slice(d0, DC, dim=1).load(QOP),
                                    k_smem.slice(d0, DC, dim=1).permute([1, 0]).load(KOP), s)
                 if HAS_BLANK:
-                    # Every chunk of a head sees the same q; its blank logit is folded in
-                    # after the last chunk.
-                    bk = gl.load(BK + h * sbkh + d_o, mask=d_o < D, other=0.0)
-                    sb = gl.sum(q_smem.load(LS) * gl.expand_dims(bk, 0), axis=1)
+                    # A head's chunks share its q: the blank logit, taken while q is in
+                    # shared memory, is folded in after the last chunk.
+                    if c == 0:
+                        sb = gl.sum(q_smem.load(LS) * gl.expand_dims(bk, 0), axis=1)
                 # q and the keys are read: copy the next step's.
                 last = c + 1 == NCH
                 nh = gl.where(last, h + 1, h)
@@ -241,10 +246,10 @@ if gluon is not None:  # pragma: no cover
         KC: gl.constexpr,
     ):
         G: gl.constexpr = 8
-        # Scores [G, BLOCK_M] and outputs [G, BLOCK_D]: lanes over slots / columns, the 8
-        # queries in every thread. q . k and p v are FMA dots on it: each lane sums its
-        # slots' (columns') products in its own registers, one FFMA per product.
-        LS: gl.constexpr = gl.BlockedLayout([G, 1], [1, 32], [1, 1], [1, 0])
+        # Scores [G, BLOCK_M] and outputs [G, BLOCK_D]: 2 queries x 4 slots (columns) a
+        # thread, lanes 4 x 8. q . k and p v are FMA dots on it: each thread sums its
+        # block's products in its own registers, one FFMA per product.
+        LS: gl.constexpr = gl.BlockedLayout([2, 4], [4, 8], [1, 1], [1, 0])
         # Tiles copied from global memory: 16-byte vectors, a row's 128 bytes from
         # neighbouring lanes.
         LT: gl.constexpr = gl.BlockedLayout([1, 4], [32 * 4 // BLOCK_D, BLOCK_D // 4], [1, 1],
@@ -282,17 +287,20 @@ if gluon is not None:  # pragma: no cover
             stray += gl.max(gl.max((ok & (idx != gl.expand_dims(lead, 0))).to(gl.int32),
                                    axis=1), axis=0)
         plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        p_smem = gl.allocate_shared_memory(gl.float32, [G, BLOCK_M], plain)
+        # q and p are read 4 rows at a time (rows 2 apart: a lane's 2 queries), keys 8
+        # rows at a time (4 apart: a lane's 4 slots). A row's 16-byte vectors are XOR-ed
+        # with (row // 2) % 4, key rows' with (row // 4) % 8: those rows fall in
+        # different banks.
+        rows2: gl.constexpr = gl.SwizzledSharedLayout(4, 2, 4, [1, 0])
+        p_smem = gl.allocate_shared_memory(gl.float32, [G, BLOCK_M], rows2)
         # Per chunk (the leading dimension: one buffer per chunk, the layout of one).
         lead_smem = gl.allocate_shared_memory(gl.int32, [NCH, BLOCK_M],
                                               gl.SwizzledSharedLayout(1, 1, 1, [0]))
         okpe_smem = gl.allocate_shared_memory(gl.int32, [NCH, G, BLOCK_M], plain)
-        # Rows of 16-byte vectors XOR-swizzled by row: the lanes read 32 consecutive rows'
-        # same columns without bank conflicts.
-        swizzled: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 8, [1, 0])
-        q_smem = gl.allocate_shared_memory(gl.float32, [G, BLOCK_D], plain)
-        k_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_D], swizzled)
-        # Values are read a row at a time (a lane per column): no swizzle needed.
+        rows4: gl.constexpr = gl.SwizzledSharedLayout(4, 4, 8, [1, 0])
+        q_smem = gl.allocate_shared_memory(gl.float32, [G, BLOCK_D], rows2)
+        k_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_D], rows4)
+        # Values are read a row at a time (8 lanes cover a row's 32 columns): no swizzle.
         v_smem = gl.allocate_shared_memory(gl.float32, [BLOCK_M, BLOCK_D], plain)
         if stray == 0:
             _attend(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h_lo, h_hi, pid,
