@@ -133,16 +133,19 @@ TUNING_GROUP_HEADS: dict[str, int] = {"fwd": 1, "bwd_kv": 2}
 # (Triton spreads the warps over the reduced dimensions).
 TUNING_GROUP_FMA: dict[tuple[str, int], bool] = {("fwd", 4): True}
 # The float32 forward on Gluon's explicit layouts (gluon_forward) against the FMA group
-# path above, kernel times on the H200 (results/fwd-fp32-gluon-async-h200-2026-11-30.log,
-# one process): affmae_stage1 388 -> 275 us, aff_tiny_stage1 365 -> 302, aff_tiny_stage2
-# 175 -> 143, highres 473 -> 394, config_3_large 62.8 -> 60.3. "dc" / "kc": the D-chunk of
-# its q . k dots and the slot chunk of its p v dots (16 each: gl.dot_fma takes K >= 16).
+# path above, kernel times on the H200 (results/fwd-fp32-gluon-async-h200-2026-11-30.log
+# and, for its 2 x 4 layout, results/fwd-fp32-gluon-layout-h200-2026-11-30.log):
+# affmae_stage1 388 -> 211 us, aff_tiny_stage1 365 -> 228, aff_tiny_stage2 175 -> 112,
+# highres 473 -> 295, config_3_large 62.8 -> 41.4. "dc" / "kc": the D-chunk of its q . k
+# dots and the slot chunk of its p v dots (16 each: gl.dot_fma takes K >= 16; 32 ran the
+# same, within 3 %).
 TUNING_GLUON: dict[str, bool] = {"fwd": True}
 TUNING_GLUON_CHUNKS: dict[str, int] = {"dc": 16, "kc": 16}
 # The Gluon kernel keeps 16 one-warp programs resident per SM (128 registers); grids of
 # fewer than 8 per SM split their heads over more programs. config_3_large (1024 programs
 # of 8 heads on 132 SMs): 60.1 us unsplit, 51.4 in 2 head groups (one full wave of 2048),
-# 62.7 / 55.1 / 62.5 in 3 / 4 / 8 (results/fwd-fp32-gluon-async-h200-2026-11-30.log).
+# 62.7 / 55.1 / 62.5 in 3 / 4 / 8 (results/fwd-fp32-gluon-async-h200-2026-11-30.log, on
+# the lane-per-slot layout before the 2 x 4 one; 2 groups: 41.4 us now).
 _GLUON_PER_SM = 8
 # Register cap (ptxas .maxnreg) per attention kernel ("fwd", "bwd_q", "bwd_kv", each with
 # "_group" for the group kernel) and value width; absent = the compiler's choice. With
@@ -154,9 +157,9 @@ _GLUON_PER_SM = 8
 # 0.515 -> 0.483 and affmae_stage1's (float32, 128) 0.725 -> 0.691, the per-key one's
 # float32 0.800 -> 0.744. Caps slow the group forward and query-cluster backward (one
 # warp, 0.228 -> 0.277 ms at 168), so those keep the compiler's choice. The Gluon float32
-# forward ("fwd_gluon") at 128: affmae_stage1 275 us against 293 at 168 (12 programs an
-# SM), config_3_large 60.3 against 56.8; the other three shapes as affmae_stage1
-# (results/fwd-fp32-gluon-async-h200-2026-11-30.log).
+# forward ("fwd_gluon") at 128: affmae_stage1 212 us against 226 at 168 (12 programs an
+# SM), config_3_large 41.4 against 53.1, aff_tiny_stage2 112 against 120
+# (results/fwd-fp32-gluon-layout-h200-2026-11-30.log).
 TUNING_MAXNREG: dict[tuple[str, int], int] = {
     ("bwd_kv_group", 2): 128, ("bwd_q", 2): 80, ("bwd_q", 4): 128, ("bwd_kv", 4): 128,
     ("fwd_gluon", 4): 128,
