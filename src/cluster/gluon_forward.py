@@ -275,6 +275,8 @@ if gluon is not None:  # pragma: no cover
         q_ok = g_s < N
         m_s = gl.arange(0, BLOCK_M, layout=COL_S)
         # Does every valid slot of every query name the first query's key in that slot?
+        # (_attend then reads the rows again for its slot tables: one merged pass ran 2-4 %
+        # slower, results/fwd-fp32-gluon-layout-h200-2026-11-30.log, run 4.)
         stray = 0
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + m_s

@@ -145,7 +145,8 @@ TUNING_GLUON_CHUNKS: dict[str, int] = {"dc": 16, "kc": 16}
 # fewer than 8 per SM split their heads over more programs. config_3_large (1024 programs
 # of 8 heads on 132 SMs): 60.1 us unsplit, 51.4 in 2 head groups (one full wave of 2048),
 # 62.7 / 55.1 / 62.5 in 3 / 4 / 8 (results/fwd-fp32-gluon-async-h200-2026-11-30.log, on
-# the lane-per-slot layout before the 2 x 4 one; 2 groups: 41.4 us now).
+# the lane-per-slot layout before the 2 x 4 one). With the 2 x 4 layout: 49.0 unsplit, 41.3
+# in 2, 49.3 / 44.2 in 3 / 4 (results/fwd-fp32-gluon-layout-h200-2026-11-30.log).
 _GLUON_PER_SM = 8
 # Register cap (ptxas .maxnreg) per attention kernel ("fwd", "bwd_q", "bwd_kv", each with
 # "_group" for the group kernel) and value width; absent = the compiler's choice. With
