@@ -9,12 +9,13 @@ the softmax (results/fwd-fp32-lead-h200-2026-11-29.log). Here the layouts are st
 warp per program, the 8 queries of one cluster, heads looped.
 
 * scores [8 queries, 32 slots] and outputs [8 queries, BLOCK_D]: each thread holds a 2 x 4
-  block (2 queries, 4 slots / columns), the warp's lanes 4 x 8 of them. q . k and p v are
-  FMA dots (``gl.dot_fma``) on that layout: each thread sums its block's products in its
-  own registers, one FFMA per product, with operands read from shared memory. A 2 x 4
-  block reads 2 + 4 operand rows for 8 products a column; the earlier lane-per-slot
-  layout (8 queries x 1 slot a thread) read 8 + 1, and its softmax sums crossed 32 lanes
-  instead of 8: affmae_stage1 211 against 275 us (results/fwd-fp32-gluon-layout-h200-2026-11-30.log).
+  block (2 queries, 4 slots / columns; two such blocks of outputs when BLOCK_D = 64), the
+  warp's lanes 4 x 8 of them. q . k and p v are FMA dots (``gl.dot_fma``) on that layout:
+  each thread sums its block's products in its own registers, one FFMA per product, with
+  operands read from shared memory. For each term of its 8 sums a 2 x 4 block reads 2 + 4
+  operands; the earlier lane-per-slot layout (8 queries x 1 slot a thread) read 8 + 1,
+  and its softmax sums crossed 32 lanes instead of 8: affmae_stage1 211 against 275 us
+  (results/fwd-fp32-gluon-layout-h200-2026-11-30.log).
 * the step is (head, 32-slot chunk). Its q, key and value tiles are copied from global
   memory straight into shared memory with asynchronous copies (cp.async, 16-byte
   vectors), issued one step ahead: the next step's q and keys as soon as this step's
