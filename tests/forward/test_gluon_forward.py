@@ -89,9 +89,10 @@ def _fp32(c):
 
 
 # (B, H, N, D, M) and the case's options: shared lists, broken groups (every other group
-# strays), one chunk of 32 slots or several (up to 3), D below one lane per column, D = 64
-# (two columns a lane), N not a multiple of 8, rows with nothing valid, and one head with
-# one chunk (random_lists: the head loop Triton 3.6 folded and then failed to compile).
+# strays), one chunk of 32 slots or several (up to 3), D under 32 (columns past D masked),
+# D = 64 (two 32-column blocks), N not a multiple of 8, rows with nothing valid, and one
+# head with one chunk (random_lists: the head loop Triton 3.6 folded and then failed to
+# compile).
 CASES = [
     pytest.param((2, 3, 64, 32, 64), dict(group=8), id="shared_m64"),
     pytest.param((2, 2, 61, 32, 48), dict(group=8, stray_every=2), id="strays_m48"),

@@ -128,4 +128,3 @@ def test_signature_specializes_as_the_jit():
                    "BLOCK": "constexpr"}
     assert const == {"n": 1, "BLOCK": 16}
     assert attrs == {(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
-
