@@ -15,15 +15,19 @@ Pipeline (``build_neighborhoods``)
    makes the attention kernels regular. This is AFF's ``space_filling_cluster``-style
    reordering: after it, the tokens of a cluster are contiguous and cluster ``c`` holds
    reordered tokens ``c*cluster_size .. (c+1)*cluster_size - 1``.
-2. **Cluster kNN.** Each cluster's mean position is computed (over its real tokens only)
-   and its ``nnc = nbhd_size // cluster_size`` nearest clusters are found by kNN on those
-   means (``knn``; torch or KeOps), the cluster itself always first. AFF does the same
-   with its ``knn_keops`` helper.
-3. **Token neighbourhoods.** Every token of a cluster gets the same neighbour list: the
-   tokens of its ``nnc`` nearest clusters, ``M = nnc * cluster_size`` of them
-   (``member_idx``). When ``N`` is not a multiple of ``cluster_size`` the last cluster is
-   short; the slots for its missing tokens point at a real token (``N - 1``, so gathers
-   stay in range) and are marked invalid in ``cluster_mask``.
+2. **Nearest clusters, per token (AFF).** Each cluster's mean position is computed over
+   its real tokens, and each *token* gets the ``nnc = nbhd_size // cluster_size`` cluster
+   means nearest to its own position, nearest first (``knn``; torch or KeOps): AFF's
+   ``nearest_cluster = knn(pos, cluster_mean_pos, nnc)``. The 8 tokens of a cluster
+   therefore usually have different lists (their union is some 10 to 13 clusters).
+   ``lists="cluster"`` is a cheaper variant that is *not* AFF's: the ``nnc`` clusters
+   nearest to each cluster's mean (itself first), one list shared by the cluster's
+   tokens; an AFF checkpoint evaluated with it sees other neighbours.
+3. **Token neighbourhoods.** A token's list is the tokens of its ``nnc`` clusters, whole
+   clusters in order, ``M = nnc * cluster_size`` of them (``member_idx``). When ``N`` is
+   not a multiple of ``cluster_size`` the last cluster is short; the slots for its missing
+   tokens point at a real token (``N - 1``, so gathers stay in range) and are marked
+   invalid in ``cluster_mask``.
 4. **Relative positions.** ``pe_idx`` indexes AFF's relative-position table
    (``relative_position_table``): the rounded offset ``(dx, dy)`` from query to neighbour,
    clamped to ``[-R, R]``, as row ``(dy + R) * (2R + 1) + (dx + R)``. The module embeds the
@@ -50,6 +54,8 @@ __all__ = [
 ]
 
 KNN_METHODS = ("auto", "torch", "keops")
+# "aff": each token's own nearest clusters (AFF's); "cluster": one list per cluster.
+LISTS = ("aff", "cluster")
 
 # Upper bound on the elements of one chunk's [B, Qc, P] distance matrix in the torch kNN,
 # so memory stays bounded whatever Q is (16M float64 = 128 MiB, plus the sort's copies).
@@ -336,7 +342,9 @@ class Neighborhoods:
     cluster_mask: ``[B, N, M]`` bool, False for slots of the short last cluster's missing
         tokens (those slots point at token ``N - 1``).
     pe_idx: ``[B, N, M]`` int64 rows of ``relative_position_table(R)``.
-    nearest_clusters: ``[B, NC, nnc]`` int64 cluster ids, each cluster's own id first.
+    nearest_clusters: int64 cluster ids, nearest first: ``[B, N, nnc]`` per token for
+        ``lists="aff"``; ``[B, NC, nnc]`` per cluster, its own id first, for ``"cluster"``.
+    lists: ``"aff"`` or ``"cluster"``, as asked of ``build_neighborhoods``.
     """
 
     order: torch.Tensor
@@ -348,10 +356,11 @@ class Neighborhoods:
     cluster_size: int
     table_width: int
     R: int
+    lists: str = "aff"
 
     @property
     def num_clusters(self) -> int:
-        return self.nearest_clusters.shape[1]
+        return -(-self.pos.shape[1] // self.cluster_size)
 
     @property
     def nnc(self) -> int:
@@ -375,7 +384,8 @@ def _self_first(nearest: torch.Tensor) -> torch.Tensor:
 
 
 def build_neighborhoods(pos: torch.Tensor, cluster_size: int, nbhd_size: int, h: int, w: int,
-                        *, R: int | None = None, knn_method: str = "auto") -> Neighborhoods:
+                        *, R: int | None = None, knn_method: str = "auto",
+                        lists: str = "aff") -> Neighborhoods:
     """Cluster tokens and build each token's neighbourhood (see the module docstring).
 
     Args:
@@ -390,6 +400,9 @@ def build_neighborhoods(pos: torch.Tensor, cluster_size: int, nbhd_size: int, h:
             (they share the table's edge rows) rather than rejected, as AFF does when its
             table is smaller than the image.
         knn_method: ``"auto" | "torch" | "keops"``, see ``knn``.
+        lists: ``"aff"`` (default): each token's own ``nnc`` nearest cluster means, as AFF
+            and AFF-MAE build them; ``"cluster"``: one list per cluster (the clusters
+            nearest to its mean, itself first), shared by its tokens: cheaper, not AFF's.
     """
     pos = _check_pos("pos", pos)
     cluster_size = _check_int("cluster_size", cluster_size, 1)
@@ -400,6 +413,8 @@ def build_neighborhoods(pos: torch.Tensor, cluster_size: int, nbhd_size: int, h:
     R = max(h, w) - 1 if R is None else _check_int("R", R, 0)
     if knn_method not in KNN_METHODS:
         raise ValueError(f"knn_method: expected one of {KNN_METHODS}, got {knn_method!r}")
+    if lists not in LISTS:
+        raise ValueError(f"lists: expected one of {LISTS}, got {lists!r}")
     B, N, _ = pos.shape
     if N == 0:
         raise ValueError("pos: expected at least one token (N >= 1)")
@@ -420,40 +435,46 @@ def build_neighborhoods(pos: torch.Tensor, cluster_size: int, nbhd_size: int, h:
     order = space_filling_order(pos, h, w)
     pos_s = pos.gather(1, order[..., None].expand(-1, -1, 2))
 
-    # 2. cluster means over real tokens only, then kNN between clusters
+    # 2. cluster means over real tokens only (a short last cluster's padding left out)
     pad = NC * cs - N
     padded = torch.cat([pos_s.detach().double(), pos_s.new_zeros(B, pad, 2, dtype=torch.float64)],
                        dim=1)
     counts = torch.full((NC,), float(cs), dtype=torch.float64, device=dev)
     counts[-1] = cs - pad
     means = padded.view(B, NC, cs, 2).sum(2) / counts[None, :, None]
-    nearest = _self_first(knn(means, means, nnc, method=knn_method))
-
-    # 3. token neighbourhoods: the members of the nnc clusters, shared by a cluster's tokens.
-    # Built per cluster and broadcast over its tokens: 1/cluster_size of the gathers.
     M = nnc * cs
-    members = (nearest[..., None] * cs + torch.arange(cs, device=dev)).reshape(B, NC, M)
-    valid = members < N
-    members.clamp_(max=N - 1)
-
-    def per_token(t):
-        return t[:, :, None, :].expand(B, NC, cs, M).reshape(B, NC * cs, M)[:, :N].contiguous()
-
-    member_idx = per_token(members)
-    cluster_mask = per_token(valid)
-
-    # 4. relative-position indices (also for masked slots, so every index is a valid row)
     width = 2 * R + 1
     # float32 holds the row index exactly while the table has < 2^24 rows; beyond, float64.
     fdt = torch.float32 if width * width < (1 << 24) else torch.float64
     ps = pos_s.detach().to(fdt)
-    nb_pos = ps.gather(1, members.view(B, NC * M, 1).expand(-1, -1, 2)).view(B, NC, 1, M, 2)
-    tok_pos = torch.cat([ps, ps.new_zeros(B, pad, 2)], dim=1).view(B, NC, cs, 1, 2)
-    off = (nb_pos - tok_pos).round_().clamp_(-R, R)  # [B, NC, cs, M, 2]
-    pe = off[..., 1].mul_(width).add_(off[..., 0]).add_(R * width + R)
-    pe_idx = pe.reshape(B, NC * cs, M)[:, :N].long()  # .long() copies: contiguous
+    slot = torch.arange(cs, device=dev)
+
+    if lists == "aff":
+        # 3. each token's own nearest clusters; their whole clusters are its list.
+        nearest = knn(pos_s, means, nnc, method=knn_method)  # [B, N, nnc]
+        members = (nearest[..., None] * cs + slot).reshape(B, N, M)
+        cluster_mask = members < N
+        member_idx = members.clamp_(max=N - 1)
+    else:
+        # 3. one list per cluster, built per cluster and broadcast over its tokens.
+        nearest = _self_first(knn(means, means, nnc, method=knn_method))  # [B, NC, nnc]
+        members = (nearest[..., None] * cs + slot).reshape(B, NC, M)
+        valid = members < N
+        members.clamp_(max=N - 1)
+
+        def per_token(t):
+            return t[:, :, None, :].expand(B, NC, cs, M).reshape(B, NC * cs, M)[:, :N].contiguous()
+
+        member_idx = per_token(members)
+        cluster_mask = per_token(valid)
+
+    # 4. relative-position indices (also for masked slots, so every index is a valid row)
+    nb_pos = ps.gather(1, member_idx.view(B, N * M, 1).expand(-1, -1, 2)).view(B, N, M, 2)
+    off = (nb_pos - ps[:, :, None, :]).round_().clamp_(-R, R)  # [B, N, M, 2]
+    pe_idx = off[..., 1].mul_(width).add_(off[..., 0]).add_(R * width + R).long()
 
     return Neighborhoods(
         order=order, pos=pos_s, member_idx=member_idx, cluster_mask=cluster_mask,
         pe_idx=pe_idx, nearest_clusters=nearest, cluster_size=cs, table_width=width, R=R,
+        lists=lists,
     )

@@ -15,9 +15,10 @@ from cluster import neighbors as nbr
 HAS_KEOPS = importlib.util.find_spec("pykeops") is not None
 
 
-def _build(B=3, N=128, h=12, w=11, cs=8, nbhd=32, seed=0, grid=True, **kw):
+def _build(B=3, N=128, h=12, w=11, cs=8, nbhd=32, seed=0, grid=True, lists="cluster", **kw):
+    # The shared per-cluster lists; AFF's per-token lists: test_neighborhood_lists.py.
     pos = nbr.make_synthetic_positions(B, N, h, w, seed=seed, grid=grid)
-    return pos, nbr.build_neighborhoods(pos, cs, nbhd, h, w, knn_method="torch", **kw)
+    return pos, nbr.build_neighborhoods(pos, cs, nbhd, h, w, knn_method="torch", lists=lists, **kw)
 
 
 # --------------------------------------------------------------------------- table
@@ -198,8 +199,8 @@ def test_knn_keops_matches_torch_distances(tmp_path_factory, monkeypatch):
     it = nbr.knn(q, pos, 6, method="torch", valid_points=valid)
     assert valid.gather(1, ik.flatten(1)).all()
     assert torch.equal(d.gather(-1, ik), d.gather(-1, it))
-    nk = nbr.build_neighborhoods(pos, 8, 48, 10, 10, knn_method="keops")
-    nt = nbr.build_neighborhoods(pos, 8, 48, 10, 10, knn_method="torch")
+    nk = nbr.build_neighborhoods(pos, 8, 48, 10, 10, knn_method="keops", lists="cluster")
+    nt = nbr.build_neighborhoods(pos, 8, 48, 10, 10, knn_method="torch", lists="cluster")
     assert torch.equal(nk.order, nt.order)
     means = nt.pos[:, :88].reshape(2, 11, 8, 2).double().mean(2)
     means = torch.cat([means, nt.pos[:, 88:].double().mean(1, keepdim=True)], dim=1)
@@ -310,3 +311,5 @@ def test_build_neighborhoods_errors():
         nbr.build_neighborhoods(pos, 8, 32, 8, 8, knn_method="ball_tree")
     with pytest.raises(ValueError, match="R"):
         nbr.build_neighborhoods(pos, 8, 32, 8, 8, R=-1)
+    with pytest.raises(ValueError, match="lists"):
+        nbr.build_neighborhoods(pos, 8, 32, 8, 8, lists="token")
