@@ -73,6 +73,15 @@ def require_backend(name: str, device: torch.device, dtype: torch.dtype) -> None
         pytest.skip(f"backend {name!r} unavailable for {dtype} on {device}: {why}")
 
 
+def skip_slow_on_cpu(device, backend: str, cfg, lists: str) -> None:
+    """Skip the shared lists' triton cases at config_3_large on the CPU: minutes of
+    interpreter time for a path the group-kernel tests cover there; the GPU suite runs them."""
+    if (device.type == "cpu" and backend == "triton" and lists != "aff"
+            and cfg.name == "config_3_large"):
+        pytest.skip("interpreter time: shared lists at config_3_large run on the GPU; the "
+                    "group-kernel tests cover the shared path on the CPU")
+
+
 @pytest.fixture
 def group_kernels_on(monkeypatch):
     """Every group kernel of the triton backend on, in every dtype: TUNING_GROUP has the

@@ -24,6 +24,7 @@ import torch
 
 __all__ = [
     "CONFIGS",
+    "LISTS",
     "RAGGED_CONFIGS",
     "Config",
     "TOLERANCES",
@@ -70,6 +71,10 @@ RAGGED_CONFIGS = (
     Config("ragged_n100_d20_m40", B=3, N=100, C=40, H=2, M=40, ragged=True),
     Config("ragged_m5_c3", B=2, N=37, C=14, H=2, M=5, cluster_size=1, ragged=True),
 )
+
+# Neighbour lists of the suite: "aff" (each token's own nearest clusters, AFF's, the default
+# of every input) and "cluster" (one list per cluster, the shared lists' fast paths).
+LISTS = ("aff", "cluster")
 
 TOLERANCES = {
     "forward": 1e-4,
@@ -157,13 +162,15 @@ def make_inputs(
     empty_rows: bool = False,
     index_dtype: torch.dtype = torch.int64,
     knn_method: str = "torch",
+    lists: str = "aff",
 ) -> AttentionInputs:
     """Realistic inputs for one configuration, built the way an AFF layer builds them.
 
     Token positions on an h x w grid (tokens past N dropped, so the last cluster is padded
     when N is not a multiple of the cluster size), clustered by ``cluster.neighbors``; the
-    nearest ``M / cluster_size`` clusters of each token give member_idx, cluster_mask and
-    pe_idx. Optionally: duplicated neighbours (a token listed twice), rows with every slot
+    nearest ``M / cluster_size`` clusters of each token (``lists="aff"``, AFF's own lists)
+    or of each cluster (``lists="cluster"``, one list shared by a cluster's tokens) give
+    member_idx, cluster_mask and pe_idx. Optionally: duplicated neighbours (a token listed twice), rows with every slot
     masked, random extra masking so masks are not only padding.
 
     All randomness comes from one torch.Generator seeded with ``seed`` (no global RNG state).
@@ -176,7 +183,7 @@ def make_inputs(
     h, w = _grid_shape(N)
     pos = neighbors.make_synthetic_positions(B, N, h, w, seed=seed, grid=True)
     R = max(h, w)
-    nb = neighbors.build_neighborhoods(pos, cs, M, h, w, R=R, knn_method=knn_method)
+    nb = neighbors.build_neighborhoods(pos, cs, M, h, w, R=R, knn_method=knn_method, lists=lists)
     member_idx = nb.member_idx
     m_actual = member_idx.shape[-1]
     if m_actual != M:
@@ -210,7 +217,8 @@ def make_inputs(
     inputs = AttentionInputs(
         q, k, v, member_idx.to(index_dtype), pe_table,
         pe_idx.to(index_dtype) if pe else None, valid if (mask or empty_rows or nb.cluster_mask is not None) else None,
-        blank_k, blank_v, extras={"pos": nb.pos, "h": h, "w": w, "R": R, "neighborhoods": nb},
+        blank_k, blank_v, extras={"pos": nb.pos, "h": h, "w": w, "R": R, "lists": lists,
+                                    "neighborhoods": nb},
     )
     return inputs.to(dtype=dtype, device=device)
 

@@ -23,6 +23,7 @@ import torch
 from . import ops, testing
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 GRADS = ("q", "k", "v", "pe_table", "blank_k", "blank_v")
 
 
@@ -70,10 +71,10 @@ def run_one(cfg, backend, dtype, device, seed, recipe, deterministic=None) -> di
     return {"results": res, "ok": all(r["ok"] for r in res.values()), "seconds": wall}
 
 
-def _pairwise(cfg, backends, dtype, device, seed) -> list[dict]:
+def _pairwise(cfg, backends, dtype, device, seed, lists="aff") -> list[dict]:
     """New vs old: max difference between each pair of kernel backends on identical inputs."""
     rows = []
-    x = testing.make_inputs(cfg, seed=seed)
+    x = testing.make_inputs(cfg, seed=seed, lists=lists)
     outs = {}
     for b in backends:
         try:
@@ -83,7 +84,7 @@ def _pairwise(cfg, backends, dtype, device, seed) -> list[dict]:
     names = sorted(outs)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            rows.append({"config": cfg.name, "dtype": str(dtype).replace("torch.", ""),
+            rows.append({"config": cfg.name, "lists": lists, "dtype": str(dtype).replace("torch.", ""),
                          "pair": f"{a} vs {b}", "max_abs": testing.max_errors(outs[a], outs[b])[0]})
     return rows
 
@@ -105,20 +106,24 @@ def to_markdown(report: dict) -> str:
         "bfloat16 when the error is at most 2x that of the PyTorch reference in the same dtype "
         "plus one rounding unit.",
         "",
-        "| backend | mode | dtype | config | out | " + " | ".join("d" + g for g in GRADS) + " | pass |",
-        "|---|---|---|---|---|" + "---|" * len(GRADS) + "---|",
+        "lists: `aff` = each token's own nearest clusters (AFF's, what an AFF model feeds the "
+        "op); `cluster` = one list shared by a cluster's tokens (the shared lists' fast paths).",
+        "",
+        "| backend | mode | dtype | config | lists | out | " + " | ".join("d" + g for g in GRADS) + " | pass |",
+        "|---|---|---|---|---|---|" + "---|" * len(GRADS) + "---|",
     ]
     for r in report["cases"]:
         cells = [_fmt(r["results"][k]) if k in r["results"] else "-" for k in ["out"] + ["d" + g for g in GRADS]]
         lines.append(f"| {r['backend']} | {r['mode']} | {r['dtype']} | {r['config']} | "
+                     f"{r.get('lists', 'aff')} | "
                      + " | ".join(cells) + f" | {'yes' if r['ok'] else '**NO**'} |")
     if report["skipped"]:
         lines += ["", "## Not run here", ""]
         lines += [f"- {s['backend']} {s['dtype']}: {s['reason']}" for s in report["skipped"]]
     if report["pairs"]:
         lines += ["", "## Backends against each other (max abs difference of outputs)", "",
-                  "| config | dtype | pair | max abs |", "|---|---|---|---|"]
-        lines += [f"| {p['config']} | {p['dtype']} | {p['pair']} | {p['max_abs']:.2e} |"
+                  "| config | lists | dtype | pair | max abs |", "|---|---|---|---|---|"]
+        lines += [f"| {p['config']} | {p.get('lists', 'aff')} | {p['dtype']} | {p['pair']} | {p['max_abs']:.2e} |"
                   for p in report["pairs"]]
     lines += ["", f"**Verdict: {report['verdict']}** ({report['n_pass']} passed, "
               f"{report['n_fail']} failed, {report['seconds']:.0f} s)", ""]
@@ -130,9 +135,15 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default=",".join(ops.BACKENDS),
                    help="comma-separated subset of %(default)s")
-    p.add_argument("--dtypes", default="fp32,fp16,bf16")
+    p.add_argument("--dtypes", default="fp32,fp16,bf16",
+                   help="comma-separated from fp32, fp16, bf16 (or float32, float16, bfloat16); "
+                        "default %(default)s")
     p.add_argument("--configs", default="all",
                    help="comma-separated config names, 'all' (suite + ragged) or 'suite'")
+    p.add_argument("--lists", default="aff,cluster",
+                   help="neighbour lists, comma-separated from aff, cluster: aff (AFF's per-token "
+                        "lists) at every configuration, cluster (shared lists) as extra cases "
+                        "at the suite configurations; default %(default)s")
     p.add_argument("--seed", type=int, default=2024)
     p.add_argument("--out", default="reports", help="folder for validate.json / validate.md")
     args = p.parse_args(argv)
@@ -147,7 +158,13 @@ def main(argv=None) -> int:
         if len(configs) != len(wanted):
             p.error(f"--configs: unknown name in {wanted}")
     backends = [b for b in args.backends.split(",") if b]
-    dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    dnames = [DTYPE_NAMES.get(d, d) for d in args.dtypes.split(",") if d]
+    if any(d not in DTYPES for d in dnames):
+        p.error(f"--dtypes: expected names from {', '.join([*DTYPES, *DTYPE_NAMES])}, got {args.dtypes!r}")
+    dtypes = [DTYPES[d] for d in dnames]
+    lists = [x for x in args.lists.split(",") if x]
+    if not lists or any(x not in testing.LISTS for x in lists):
+        p.error(f"--lists: expected names from {', '.join(testing.LISTS)}, got {args.lists!r}")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     try:
         import triton
@@ -174,10 +191,13 @@ def main(argv=None) -> int:
                 print(f"  skip {backend} {dtype}: {why}", flush=True)
                 continue
             for mode, det in modes:
-                for cfg in configs:
-                    plan.append((backend, mode, det, dtype, cfg))
-    for n, (backend, mode, det, dtype, cfg) in enumerate(plan, 1):
+                for lst in lists:
+                    for cfg in configs:
+                        if lst == "aff" or not cfg.ragged:
+                            plan.append((backend, mode, det, dtype, cfg, lst))
+    for n, (backend, mode, det, dtype, cfg, lst) in enumerate(plan, 1):
         recipe = dict(duplicates=True, empty_rows=True) if cfg.ragged else {}
+        recipe["lists"] = lst
         dname = str(dtype).replace("torch.", "")
         try:
             r = run_one(cfg, backend, dtype, device, args.seed, recipe, det)
@@ -185,12 +205,12 @@ def main(argv=None) -> int:
             r = {"results": {"out": {"abs": float("inf"), "rel": float("inf"), "bound": 0,
                                      "ok": False}},
                  "ok": False, "seconds": 0.0, "error": f"{type(exc).__name__}: {exc}"}
-        r.update(backend=backend, mode=mode or "-", dtype=dname, config=cfg.name)
+        r.update(backend=backend, mode=mode or "-", dtype=dname, config=cfg.name, lists=lst)
         cases.append(r)
         worst = max(v["rel"] for v in r["results"].values())
         status = "ok  " if r["ok"] else "FAIL"
         print(f"[{n:3d}/{len(plan)}] {status} {backend:9s} {mode or '-':13s} {dname:8s} "
-              f"{cfg.name:22s} worst rel err {worst:.2e}  {r['seconds']:.2f}s"
+              f"{cfg.name:22s} {lst:7s} worst rel err {worst:.2e}  {r['seconds']:.2f}s"
               + (f"  {r['error']}" if "error" in r else ""), flush=True)
 
     kernel_backends = [b for b in backends if b != "reference"]
@@ -199,7 +219,9 @@ def main(argv=None) -> int:
         if len(present) + 1 >= 2:
             for cfg in testing.CONFIGS:
                 if any(c["config"] == cfg.name for c in cases):
-                    pairs += _pairwise(cfg, present + ["reference"], dtype, device, args.seed + 1)
+                    for lst in lists:
+                        pairs += _pairwise(cfg, present + ["reference"], dtype, device,
+                                           args.seed + 1, lst)
 
     n_fail = sum(not c["ok"] for c in cases)
     verdict = "PASS" if cases and n_fail == 0 else ("NOTHING RAN" if not cases else "FAIL")

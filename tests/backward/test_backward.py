@@ -9,7 +9,7 @@ import torch
 from cluster import ops, testing
 from cluster.testing import CONFIGS, RAGGED_CONFIGS
 
-from ..conftest import ALL_DTYPES, DTYPE_IDS, require_backend
+from ..conftest import ALL_DTYPES, DTYPE_IDS, require_backend, skip_slow_on_cpu
 
 SEED = 4321
 GRAD_NAMES = ("q", "k", "v", "pe_table", "blank_k", "blank_v")
@@ -40,13 +40,28 @@ def _check_grads(backend, cfg, dtype, device, reference_cache, bwd_tol, determin
             assert ok, f"{backend} {dtype} d{name}: error {err:.3e} > bound {bound:.3e}"
 
 
+@pytest.mark.parametrize("lists", testing.LISTS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)
 @pytest.mark.parametrize("backend", ops.BACKENDS)
-def test_gradients_match_reference(backend, cfg, dtype, device, reference_cache, bwd_tol):
+def test_gradients_match_reference(backend, cfg, dtype, lists, device, reference_cache, bwd_tol):
+    """AFF's per-token lists and the shared lists; the triton backend's fast mode."""
     if device.type == "cpu" and dtype != torch.float32 and backend != "reference":
         pytest.skip("low precision kernels are checked on the GPU only")
-    _check_grads(backend, cfg, dtype, device, reference_cache, bwd_tol)
+    skip_slow_on_cpu(device, backend, cfg, lists)
+    _check_grads(backend, cfg, dtype, device, reference_cache, bwd_tol, lists=lists)
+
+
+@pytest.mark.parametrize("lists", testing.LISTS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)
+def test_gradients_deterministic_mode(cfg, dtype, lists, device, reference_cache, bwd_tol):
+    """The triton backend's deterministic backward at the suite configurations."""
+    if device.type == "cpu" and dtype != torch.float32:
+        pytest.skip("low precision kernels are checked on the GPU only")
+    skip_slow_on_cpu(device, "triton", cfg, lists)
+    _check_grads("triton", cfg, dtype, device, reference_cache, bwd_tol, deterministic=True,
+                 lists=lists)
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])

@@ -14,7 +14,7 @@ import torch
 from cluster import ops, reference, testing
 from cluster.testing import CONFIGS, RAGGED_CONFIGS
 
-from ..conftest import ALL_DTYPES, DTYPE_IDS, require_backend
+from ..conftest import ALL_DTYPES, DTYPE_IDS, require_backend, skip_slow_on_cpu
 
 SEED = 1234
 
@@ -34,13 +34,16 @@ def _check_against_reference(backend, cfg, dtype, device, reference_cache, fwd_t
         assert ok, f"{backend} {dtype}: error {err:.3e} > bound {bound:.3e}"
 
 
+@pytest.mark.parametrize("lists", testing.LISTS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name)
 @pytest.mark.parametrize("backend", ops.BACKENDS)
-def test_forward_matches_reference(backend, cfg, dtype, device, reference_cache, fwd_tol):
+def test_forward_matches_reference(backend, cfg, dtype, lists, device, reference_cache, fwd_tol):
+    """AFF's per-token lists (every other test's default too) and the shared lists."""
     if device.type == "cpu" and dtype != torch.float32 and backend != "reference":
         pytest.skip("low precision kernels are checked on the GPU only (interpreter is float32-faithful only)")
-    _check_against_reference(backend, cfg, dtype, device, reference_cache, fwd_tol)
+    skip_slow_on_cpu(device, backend, cfg, lists)
+    _check_against_reference(backend, cfg, dtype, device, reference_cache, fwd_tol, lists=lists)
 
 
 @pytest.mark.parametrize("cfg", RAGGED_CONFIGS, ids=lambda c: c.name)

@@ -1,7 +1,8 @@
 """The suite's own checks must fail on broken backends.
 
 Each mutant below is a plausible kernel bug, installed as the "triton" backend for the
-duration of one test; the very helpers the forward/backward tests use must then raise.
+duration of one test; the very helpers the forward/backward tests use must then raise, on
+AFF's per-token lists and on the shared lists.
 """
 
 from __future__ import annotations
@@ -115,20 +116,22 @@ def test_unmutated_stand_in_passes(install_mutant, fwd_tol, bwd_tol):
                  duplicates=True, empty_rows=True)
 
 
+@pytest.mark.parametrize("lists", testing.LISTS)
 @pytest.mark.parametrize("kind", ["wrong_neighbor", "dropped_blank", "ignore_mask"])
-def test_forward_checks_catch(kind, install_mutant, fwd_tol):
+def test_forward_checks_catch(kind, lists, install_mutant, fwd_tol):
     install_mutant(kind)
     with pytest.raises(AssertionError):
         _check_against_reference("triton", CONFIGS[0], torch.float32, torch.device("cpu"),
-                                 _reference_cache(), fwd_tol)
+                                 _reference_cache(), fwd_tol, lists=lists)
 
 
-def test_backward_checks_catch_missing_duplicate_accumulation(install_mutant, bwd_tol):
+@pytest.mark.parametrize("lists", testing.LISTS)
+def test_backward_checks_catch_missing_duplicate_accumulation(lists, install_mutant, bwd_tol):
     install_mutant("dup_grad")
     cache = _reference_cache()
     # the forward is right, so only the gradient checks can see this bug
     _check_against_reference("triton", RAGGED_CONFIGS[0], torch.float32, torch.device("cpu"),
-                             cache, 1e-4, duplicates=True)
+                             cache, 1e-4, duplicates=True, lists=lists)
     with pytest.raises(AssertionError, match="dk|dv"):
         _check_grads("triton", RAGGED_CONFIGS[0], torch.float32, torch.device("cpu"), cache,
-                     bwd_tol, duplicates=True, empty_rows=True)
+                     bwd_tol, duplicates=True, empty_rows=True, lists=lists)

@@ -7,8 +7,9 @@ import pytest
 from cluster import testing, validate
 
 
-def _run(tmp_path, *args):
-    rc = validate.main([*args, "--dtypes", "fp32", "--configs", "config_1_small", "--out", str(tmp_path)])
+def _run(tmp_path, *args, lists="aff"):
+    rc = validate.main([*args, "--dtypes", "fp32", "--configs", "config_1_small", "--lists", lists,
+                        "--out", str(tmp_path)])
     with open(tmp_path / "validate.json") as f:
         return rc, json.load(f)
 
@@ -38,6 +39,21 @@ def test_a_crashing_backend_fails_the_verdict_but_the_report_is_written(tmp_path
     assert len(crashed) == 1 and not crashed[0]["ok"]
     assert "simulated kernel crash" in crashed[0]["error"]
     assert all("cuda" not in p["pair"] for p in rep["pairs"])
+
+
+def test_both_lists_and_long_dtype_names(tmp_path):
+    """AFF's lists and the shared lists, each a row named by its lists; float32 is fp32."""
+    rc = validate.main(["--backends", "reference", "--dtypes", "float32", "--configs",
+                        "config_1_small,ragged_n61_d12_m24", "--out", str(tmp_path)])
+    rep = json.loads((tmp_path / "validate.json").read_text())
+    assert rc == 0
+    # Shared lists are extra cases at the suite configurations, not at the ragged ones.
+    assert sorted((c["config"], c["lists"]) for c in rep["cases"]) == [
+        ("config_1_small", "aff"), ("config_1_small", "cluster"), ("ragged_n61_d12_m24", "aff")]
+    assert "| reference | - | float32 | config_1_small | cluster |" in (tmp_path / "validate.md").read_text()
+    for bad in (["--lists", "token"], ["--dtypes", "fp8"]):
+        with pytest.raises(SystemExit):
+            validate.main(["--backends", "reference", *bad, "--out", str(tmp_path)])
 
 
 def test_unknown_config_is_a_usage_error(tmp_path):
