@@ -1,13 +1,22 @@
 """Benchmark of cluster attention: every backend x dtype x shape, forward and forward+backward.
 
 Backends: reference (plain PyTorch through cluster.ops), reference-compile (torch.compile of
-cluster.reference.cluster_attention), cuda, triton, triton-det (triton, deterministic=True).
+cluster.reference.cluster_attention), cuda, triton, triton-det (triton, deterministic=True),
+and the peer flex: the same attention written with torch.nn.attention.flex_attention
+(benchmarks/flex_peer.py; a mask_mod over each query's clusters plus the blank as key N, a
+score_mod adding the relative-position bias, a block mask of --flex-block-size tiles; compiled
+on CUDA, eager and forward-only on the CPU). Its records add block_mask_method, block_size,
+block_mask_s (the block mask's build time, inside first_call_s), block_mask_warm_s (a rebuild),
+block_sparsity_pct, block_tiles, masks_mib (membership table, positions, block mask) and
+compiled; pe_grad says why pe_table got no gradient where the installed torch refuses it.
 A backend that cannot run here is reported as skipped with the reason; an out-of-memory case
 is recorded as "oom"; any other exception as "error" (exit status 1 after writing results).
 
 Inputs are built as in an AFF model: synthetic token positions on a nearly full grid, Hilbert
 clusters of 8 tokens, M neighbours per token (cluster.neighbors), index tensors as int32 and
-the mask as bool, which is what the kernels read.
+the mask as bool, which is what the kernels read. --lists names the neighbour lists: "aff"
+(each token's own nnc nearest clusters, AFF's) and/or "cluster" (one list per cluster, shared
+by its tokens); every record carries its "lists".
 
 Per case: median time (triton.testing.do_bench, else CUDA events), the case's memory floor
 (the bytes a kernel must move at least, over the device-to-device copy bandwidth measured in
@@ -19,10 +28,15 @@ reference (max abs error). Forward is timed under torch.no_grad(); forward+backw
 the backward of a fixed random dO into q, k, v, pe_table, blank_k and blank_v.
 
 Results: <out>/<device-slug>-<YYYY-MM-DD>[-tag].json (metadata and every case), a Markdown
-file of tables beside it and, when matplotlib is installed, a PNG.
+file of tables beside it and, when matplotlib is installed, a PNG, all three in --out; the
+JSON and Markdown are rewritten after every shape and lists, so a run cut short keeps what
+it finished. E.g. every fast row and the FlexAttention peer on both lists, one folder:
 
---smoke runs one tiny fp32 case per backend (on the CPU when there is no GPU, with the
-Triton interpreter), checks every output and gradient against the float64 reference
+    python benchmarks/bench.py --shapes affmae_stage1,highres --backends triton,triton-det,cuda,flex \
+        --lists aff,cluster --dtypes bf16,fp32 --tag r22 --out "$OUT" 2>&1 | tee "$OUT/r22.log"
+
+--smoke runs one tiny fp32 case per backend and lists (on the CPU when there is no GPU, with
+the Triton interpreter), checks every output and gradient against the float64 reference
 (atol = rtol = 1e-4) and exits 1 on a mismatch or a crash.
 
 Exit status: 0 all cases ran (or were skipped / oom), 1 a case failed, 2 nothing to run.
@@ -77,6 +91,10 @@ BACKENDS = {
     "triton": ("triton", False),
     "triton-det": ("triton", True),
 }
+# comparison rows that are not cluster.ops backends: written with other APIs
+PEERS = ("flex",)
+ROWS = (*BACKENDS, *PEERS)
+LISTS = ("aff", "cluster")  # cluster.neighbors.build_neighborhoods(lists=...); AFF's first
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
 MODES = ("fwd", "fwd+bwd")
@@ -103,14 +121,19 @@ class Inputs:
     blank_v: torch.Tensor
     dout: torch.Tensor
     scale: float
+    # what the flex peer reads besides: token positions [B, N, 2] float32 in the reordered
+    # order of member_idx, the relative-position table's half-width, the lists' name
+    pos: torch.Tensor | None = None
+    R: int | None = None
+    lists: str = "aff"
 
     def cast(self, dtype: torch.dtype, requires_grad: bool) -> Inputs:
-        """Float tensors as fresh leaves of ``dtype``; index tensors shared."""
+        """Float tensors as fresh leaves of ``dtype``; index tensors (and pos) shared."""
         def leaf(t):
             return t.detach().to(dtype).clone().requires_grad_(requires_grad)
         return Inputs(leaf(self.q), leaf(self.k), leaf(self.v), self.member_idx, leaf(self.pe_table),
                       self.pe_idx, self.mask, leaf(self.blank_k), leaf(self.blank_v),
-                      self.dout.to(dtype), self.scale)
+                      self.dout.to(dtype), self.scale, self.pos, self.R, self.lists)
 
     def leaves(self) -> list[torch.Tensor]:
         return [self.q, self.k, self.v, self.pe_table, self.blank_k, self.blank_v]
@@ -118,7 +141,8 @@ class Inputs:
     def batch_slice(self, b0: int, b1: int) -> Inputs:
         return Inputs(self.q[b0:b1], self.k[b0:b1], self.v[b0:b1], self.member_idx[b0:b1],
                       self.pe_table, self.pe_idx[b0:b1], self.mask[b0:b1], self.blank_k,
-                      self.blank_v, self.dout[b0:b1], self.scale)
+                      self.blank_v, self.dout[b0:b1], self.scale,
+                      None if self.pos is None else self.pos[b0:b1], self.R, self.lists)
 
 
 def grid_for(N: int) -> tuple[int, int]:
@@ -127,8 +151,9 @@ def grid_for(N: int) -> tuple[int, int]:
     return h, math.ceil(N / h)
 
 
-def build_inputs(dims: tuple, device: torch.device, seed: int = 0) -> Inputs:
-    """fp32 inputs of one shape; the neighbourhoods are built on the CPU, then moved."""
+def build_inputs(dims: tuple, device: torch.device, seed: int = 0, lists: str = "aff") -> Inputs:
+    """fp32 inputs of one shape; the neighbourhoods (``lists``: "aff" or "cluster") are built
+    on the CPU, then moved."""
     from cluster import neighbors
 
     B, N, C, H, M = dims
@@ -137,7 +162,7 @@ def build_inputs(dims: tuple, device: torch.device, seed: int = 0) -> Inputs:
     pos = neighbors.make_synthetic_positions(B, N, h, w, seed=seed, grid=True)
     # torch kNN: deterministic, and avoids a KeOps compile on hosts that have pykeops.
     nb = neighbors.build_neighborhoods(pos, cluster_size=CLUSTER_SIZE, nbhd_size=M, h=h, w=w,
-                                       knn_method="torch")
+                                       knn_method="torch", lists=lists)
     T = nb.table_width ** 2
     g = torch.Generator(device=device).manual_seed(seed)
 
@@ -150,6 +175,7 @@ def build_inputs(dims: tuple, device: torch.device, seed: int = 0) -> Inputs:
         pe_table=randn(T, H), pe_idx=nb.pe_idx.to(device=device, dtype=torch.int32),
         mask=nb.cluster_mask.to(device=device, dtype=torch.bool),
         blank_k=randn(H, D), blank_v=randn(H, D), dout=randn(B, H, N, D), scale=D ** -0.5,
+        pos=nb.pos.to(device=device, dtype=torch.float32), R=nb.R, lists=lists,
     )
 
 
@@ -171,11 +197,21 @@ def floor_bytes(dims: tuple, dtype: torch.dtype, mode: str) -> int:
 
 # ------------------------------------------------------------------------------ backends
 
-def backend_skip_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+def backend_skip_reason(name: str, device: torch.device, dtype: torch.dtype,
+                        dims: tuple | None = None, mode: str | None = None) -> str | None:
+    """Why row ``name`` cannot run here (None: it can); ``mode`` for the mode-dependent ones."""
     from cluster import ops
 
     if name == "reference-compile":
         return compile_unavailable_reason(device)
+    if name == "flex":
+        import flex_peer
+
+        head_dim = dims[2] // dims[3] if dims is not None else None
+        why = flex_peer.unavailable_reason(device, head_dim, mode)
+        if why is None and device.type == "cuda" and mode is None:
+            why = compile_unavailable_reason(device)
+        return why
     return ops.backend_unavailable_reason(BACKENDS[name][0], device, dtype)
 
 
@@ -200,10 +236,19 @@ def compile_unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def make_attention(name: str, check_indices: bool):
-    """A callable ``Inputs -> out`` for harness backend ``name``."""
+def make_attention(name: str, check_indices: bool, *, device: torch.device | None = None,
+                   opt=None):
+    """A callable ``Inputs -> out`` for harness backend ``name`` (``device``, ``opt``: the flex
+    peer's compile choice and block-mask options)."""
     from cluster import ops, reference
 
+    if name == "flex":
+        import flex_peer
+
+        return flex_peer.FlexRunner(
+            compiled=device is not None and device.type == "cuda",
+            block_size=getattr(opt, "flex_block_size", flex_peer.DEFAULT_BLOCK_SIZE),
+            method=getattr(opt, "flex_block_mask", "kv-blocks"))
     if name == "reference-compile":
         import torch._dynamo
 
@@ -347,13 +392,21 @@ def measure(ctx, name: str, attn, x: Inputs, mode: str, rec: dict, keep: bool, t
     grads = x.leaves() if mode == "fwd+bwd" else []
     result = None
     try:
+        if hasattr(attn, "new_case"):  # the flex peer: its masks are built in the first call
+            attn.new_case()
         set_grads_none(grads)
         t0 = time.perf_counter()
         out = step()  # compiles / autotunes
         sync(device)
         rec["first_call_s"] = round(time.perf_counter() - t0, 4)
+        if hasattr(attn, "after_first_call"):
+            rec.update(attn.after_first_call(x))
+        missing = [n for n, t in zip(GRAD_NAMES, grads) if t.grad is None]
+        if missing:
+            rec["no_grad_into"] = missing
         if keep:  # the first call's results: a wrong first call is as wrong as any
-            result = (out.detach(), {n: t.grad.detach() for n, t in zip(GRAD_NAMES, grads)})
+            result = (out.detach(), {n: None if t.grad is None else t.grad.detach()
+                                     for n, t in zip(GRAD_NAMES, grads)})
         del out
         est_ms = None
         if device.type == "cuda":
@@ -464,7 +517,8 @@ def peak_mib(step, grads, device) -> float:
 
 
 def progress(rec: dict) -> None:
-    head = f"  {rec['shape']:>16} {rec['backend']:>17} {rec['dtype']:>8} {rec['mode']:>7}:"
+    head = (f"  {rec['shape']:>16} {rec['backend']:>17} {rec.get('lists') or '-':>7} "
+            f"{rec['dtype']:>8} {rec['mode']:>7}:")
     if rec["status"] != "ok":
         log(f"{head} {rec['status']} ({rec.get('reason')})")
         return
@@ -475,9 +529,11 @@ def progress(rec: dict) -> None:
     clock = f", SM {rec['sm_clock_mhz']} MHz" if rec.get("sm_clock_mhz") else ""
     gpu = (f"  GPU {rec['gpu_ms']:.3f} ms x{rec['gpu_x_floor']:.2f}"
            if rec.get("gpu_ms") is not None else "")
+    flex = (f"  block mask {rec['block_mask_s']:.3f} s (warm {rec['block_mask_warm_s']:.3f} s, "
+            f"{rec['block_sparsity_pct']:.1f}% sparse)" if rec.get("block_mask_s") is not None else "")
     log(f"{head} {rec['time_ms']:9.3f} ms  {rec['gbps']:7.1f} GB/s  x{rec['x_floor']:5.2f} floor"
         f"  ({rec['reps']} reps, first call {rec['first_call_s']:.2f} s{clock}){gpu}{peak}{err}"
-        f"{check}")
+        f"{flex}{check}")
 
 
 # ------------------------------------------------------------------------------ float64 reference
@@ -515,21 +571,33 @@ def reference64(x: Inputs, with_grads: bool, budget_bytes: float):
 
 # ------------------------------------------------------------------------------ runs
 
-def base_record(kind, shape, dims, backend, dtype_name, mode) -> dict:
+def base_record(kind, shape, dims, backend, dtype_name, mode, lists: str = "aff") -> dict:
     B, N, C, H, M = dims
     return {"kind": kind, "shape": shape, "B": B, "N": N, "C": C, "H": H, "M": M, "D": C // H,
-            "backend": backend, "dtype": dtype_name, "mode": mode, "status": None, "reason": None,
+            "backend": backend, "lists": lists, "dtype": dtype_name, "mode": mode, "status": None,
+            "reason": None,
             "time_ms": None, "reps": None, "floor_ms": None, "gbps": None, "x_floor": None,
             "peak_mib": None, "first_call_s": None, "gpu_ms": None, "gpu_x_floor": None,
             "floor_bytes": floor_bytes(dims, DTYPES[dtype_name], mode)}
 
 
-def run_shape(ctx, kind: str, shape: str, dims: tuple, dtype_names, oom_at=None) -> list[dict]:
-    """Every backend x dtype x mode on one shape; ``oom_at`` (sweep) skips cases past an OOM."""
+def run_shape(ctx, kind: str, shape: str, dims: tuple, dtype_names, oom_at=None,
+              lists_names=None) -> list[dict]:
+    """Every lists x backend x dtype x mode on one shape (``lists_names``: default
+    ctx["lists"]); ``oom_at`` (sweep) skips cases past an OOM."""
+    records = []
+    for lists in lists_names or ctx["lists"]:
+        records += _run_lists(ctx, kind, shape, dims, dtype_names, oom_at, lists)
+        if kind == "shape" and ctx.get("save"):
+            ctx["save"](records)  # a run cut short keeps every finished lists
+    return records
+
+
+def _run_lists(ctx, kind, shape, dims, dtype_names, oom_at, lists) -> list[dict]:
     device, opt = ctx["device"], ctx["opt"]
     t0 = time.perf_counter()
-    base = build_inputs(dims, device, seed=opt.seed)
-    log(f"[{shape}] B,N,C,H,M = {dims}, T = {base.pe_table.shape[0]} "
+    base = build_inputs(dims, device, seed=opt.seed, lists=lists)
+    log(f"[{shape}, {lists} lists] B,N,C,H,M = {dims}, T = {base.pe_table.shape[0]} "
         f"(inputs built in {time.perf_counter() - t0:.1f} s)")
     smoke = kind == "smoke"
     ref_cache = []
@@ -551,16 +619,18 @@ def run_shape(ctx, kind: str, shape: str, dims: tuple, dtype_names, oom_at=None)
         x = base.cast(dtype, requires_grad=True)
         timers = [] if opt.rounds > 1 else None
         for name in ctx["backends"]:
-            why = backend_skip_reason(name, device, dtype)
-            attn = make_attention(name, opt.check_indices) if why is None else None
+            why = backend_skip_reason(name, device, dtype, dims)
+            attn = make_attention(name, opt.check_indices, device=device, opt=opt) if why is None else None
             results = {}
             for mode in MODES:
-                rec = base_record(kind, shape, dims, name, dtype_name, mode)
+                rec = base_record(kind, shape, dims, name, dtype_name, mode, lists)
                 records.append(rec)
-                if why is None and oom_at is not None and (name, mode) in oom_at:
-                    rec.update(status="skipped", reason=f"out of memory at N={oom_at[(name, mode)]}")
-                elif why is not None:
-                    rec.update(status="skipped", reason=why)
+                why_mode = why or backend_skip_reason(name, device, dtype, dims, mode)
+                if why_mode is None and oom_at is not None and (name, lists, mode) in oom_at:
+                    rec.update(status="skipped",
+                               reason=f"out of memory at N={oom_at[(name, lists, mode)]}")
+                elif why_mode is not None:
+                    rec.update(status="skipped", reason=why_mode)
                 else:
                     keep = smoke or (mode == "fwd" and dtype == torch.float32 and opt.errors)
                     results[mode] = measure(ctx, name, attn, x, mode, rec, keep, timers)
@@ -584,9 +654,9 @@ def run_shape(ctx, kind: str, shape: str, dims: tuple, dtype_names, oom_at=None)
 
 
 def _note_oom(rec: dict, oom_at: dict | None) -> None:
-    """The sweep's record of where each (backend, mode) first ran out of memory."""
+    """The sweep's record of where each (backend, lists, mode) first ran out of memory."""
     if rec["status"] == "oom" and oom_at is not None:
-        oom_at.setdefault((rec["backend"], rec["mode"]), rec["N"])
+        oom_at.setdefault((rec["backend"], rec.get("lists"), rec["mode"]), rec["N"])
 
 
 def add_error(rec: dict, out: torch.Tensor, ref) -> None:
@@ -605,6 +675,10 @@ def check_smoke(rec: dict, result, ref) -> None:
     pairs = [("out", out, ref[0])] + [("d" + n, grads[n], ref[1][n]) for n in grads]
     bad = []
     for label, got, want in pairs:
+        if got is None:
+            if not (label == "dpe_table" and rec.get("pe_grad")):  # the flex peer says why
+                bad.append(f"{label} missing (no gradient)")
+            continue
         if got.shape != want.shape:
             bad.append(f"{label} shape {tuple(got.shape)}, expected {tuple(want.shape)}")
             continue
@@ -622,7 +696,9 @@ def run_sweep(ctx) -> list[dict]:
     records = []
     for N in opt.sweep_n:
         dims = (max(1, SWEEP_TOKENS // N), N, SWEEP_C, SWEEP_H, SWEEP_M)
-        recs = run_shape(ctx, "sweep", f"sweep_N{N}", dims, [opt.sweep_dtype], oom_at)
+        # on AFF's lists (the first of --lists) only
+        recs = run_shape(ctx, "sweep", f"sweep_N{N}", dims, [opt.sweep_dtype], oom_at,
+                         ctx["lists"][:1])
         for r in recs:
             if r["status"] == "ok":
                 r["ms_per_1k_tokens"] = r["time_ms"] / (r["B"] * r["N"] / 1000)
@@ -717,46 +793,88 @@ def to_markdown(meta: dict, records: list[dict]) -> str:
              "GPU = the kernels' device time per step (torch.profiler), and its x floor: the step "
              "without the host's time to issue it. "
              "Peak = memory allocated during one step above the inputs. err = max abs error of the "
-             "fp32 forward against float64.", ""]
-    index = {(r["shape"], r["backend"], r["dtype"], r["mode"]): r for r in records}
+             "fp32 forward against float64. lists: the neighbour lists, `aff` = each token's own "
+             "nearest clusters (AFF's), `cluster` = one list per cluster shared by its tokens. "
+             "`flex` is a peer, not a backend of the op: the same attention through "
+             "torch.nn.attention.flex_attention (benchmarks/flex_peer.py).", ""]
+    index = {_key(r): r for r in records}
     shapes = list(dict.fromkeys(r["shape"] for r in records if r["kind"] != "sweep"))
     for shape in shapes:
         rows = [r for r in records if r["shape"] == shape]
         r0 = rows[0]
         lines += [f"## {shape} (B={r0['B']}, N={r0['N']}, C={r0['C']}, H={r0['H']}, M={r0['M']}, D={r0['D']})", "",
-                  "| backend | dtype | fwd ms | fwd GB/s | fwd x floor | fwd GPU ms (x floor) | fwd+bwd ms | "
-                  "fwd+bwd GB/s | fwd+bwd x floor | fwd+bwd GPU ms (x floor) | peak MiB (fwd+bwd) | "
-                  "fp32 err |", "|---|---|" + "---:|" * 10]
-        for backend, dtype in dict.fromkeys((r["backend"], r["dtype"]) for r in rows):
-            f, b = index.get((shape, backend, dtype, "fwd")), index.get((shape, backend, dtype, "fwd+bwd"))
+                  "| backend | lists | dtype | fwd ms | fwd GB/s | fwd x floor | fwd GPU ms (x floor) | "
+                  "fwd+bwd ms | fwd+bwd GB/s | fwd+bwd x floor | fwd+bwd GPU ms (x floor) | "
+                  "peak MiB (fwd+bwd) | fp32 err |", "|---|---|---|" + "---:|" * 10]
+        for backend, lists, dtype in dict.fromkeys((r["backend"], _lists(r), r["dtype"]) for r in rows):
+            f = index.get((shape, backend, lists, dtype, "fwd"))
+            b = index.get((shape, backend, lists, dtype, "fwd+bwd"))
             err = f.get("max_abs_err_vs_fp64") if f else None
             err = f"{err:.1e}" if isinstance(err, float) else ("skipped" if err else "–")
-            lines.append(f"| {backend} | {dtype} | {_cell(f, 'time_ms', '.3f')} | {_cell(f, 'gbps', '.0f')} | "
+            lines.append(f"| {backend} | {lists} | {dtype} | {_cell(f, 'time_ms', '.3f')} | "
+                         f"{_cell(f, 'gbps', '.0f')} | "
                          f"{_cell(f, 'x_floor', '.2f')} | {_gpu_cell(f)} | {_cell(b, 'time_ms', '.3f')} | "
                          f"{_cell(b, 'gbps', '.0f')} | {_cell(b, 'x_floor', '.2f')} | {_gpu_cell(b)} | "
                          f"{_cell(b, 'peak_mib', '.0f')} | {err} |")
-        lines += [""] + notes(rows) + [""]
+        lines += [""] + notes(rows) + flex_notes(rows) + [""]
     sweep = [r for r in records if r["kind"] == "sweep"]
     if sweep:
         ns = list(dict.fromkeys(r["N"] for r in sweep))
         for mode in MODES:
             lines += [f"## Scaling sweep, {mode}, {sweep[0]['dtype']}: ms per 1k tokens "
                       f"(B x N = {SWEEP_TOKENS}, C={SWEEP_C}, H={SWEEP_H}, M={SWEEP_M})", "",
-                      "| backend | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---:|" * len(ns)]
-            for backend in dict.fromkeys(r["backend"] for r in sweep):
-                cells = [_cell(index.get((f"sweep_N{n}", backend, sweep[0]["dtype"], mode)),
+                      "| backend | lists | " + " | ".join(f"N={n}" for n in ns) + " |",
+                      "|---|---|" + "---:|" * len(ns)]
+            for backend, lists in dict.fromkeys((r["backend"], _lists(r)) for r in sweep):
+                cells = [_cell(index.get((f"sweep_N{n}", backend, lists, sweep[0]["dtype"], mode)),
                                "ms_per_1k_tokens", ".4f") for n in ns]
-                lines.append(f"| {backend} | " + " | ".join(cells) + " |")
+                lines.append(f"| {backend} | {lists} | " + " | ".join(cells) + " |")
             lines.append("")
-        lines += notes(sweep) + [""]
+        lines += notes(sweep) + flex_notes(sweep) + [""]
     return "\n".join(lines)
 
 
+def _lists(rec: dict) -> str:
+    """A record's lists; "–" for records written before the benchmark named them."""
+    return rec.get("lists") or "–"
+
+
+def _key(rec: dict) -> tuple:
+    return (rec["shape"], rec["backend"], _lists(rec), rec["dtype"], rec["mode"])
+
+
+def row_label(rec: dict) -> str:
+    """A row's name in plots: backend and lists, e.g. "triton (aff)"."""
+    return f"{rec['backend']} ({_lists(rec)})"
+
+
 def notes(rows: list[dict]) -> list[str]:
-    """One line per distinct (backend, dtype, status, reason) that did not run."""
-    seen = dict.fromkeys((r["backend"], r["dtype"], r["status"], r["reason"])
+    """One line per distinct (backend, lists, dtype, status, reason) that did not run."""
+    seen = dict.fromkeys((r["backend"], _lists(r), r["dtype"], r["status"], r["reason"])
                          for r in rows if r["status"] != "ok")
-    return [f"- {b} {d}: {s} — {why}" for b, d, s, why in seen]
+    return [f"- {b} ({li}) {d}: {s} — {why}" for b, li, d, s, why in seen]
+
+
+def flex_notes(rows: list[dict]) -> list[str]:
+    """The flex peer's block mask per case that ran, and any gradient it could not give."""
+    out = []
+    for r in rows:
+        if r["status"] != "ok" or r.get("block_mask_s") is None:
+            continue
+        tiles = r.get("block_tiles") or {}
+        line = (f"- {r['backend']} ({_lists(r)}) {r['dtype']} {r['mode']}: block mask "
+                f"{r.get('block_mask_method')} {r.get('block_size')}x{r.get('block_size')}, built in "
+                f"{r['block_mask_s']:.3f} s (warm {r.get('block_mask_warm_s', 0):.3f} s), "
+                f"{r.get('block_sparsity_pct', 0):.1f}% of tiles skipped ({tiles.get('partial')} "
+                f"partial, {tiles.get('full')} full of {tiles.get('all')}), masks "
+                f"{r.get('masks_mib')} MiB; first call {r['first_call_s']:.2f} s "
+                f"({'compiled' if r.get('compiled') else 'eager'})")
+        if r.get("pe_grad"):
+            line += f"; {r['pe_grad']}"
+        if r.get("no_grad_into"):
+            line += f"; no gradient into {', '.join(r['no_grad_into'])}"
+        out.append(line)
+    return out
 
 
 def plot(records: list[dict], png: Path) -> None:
@@ -777,12 +895,12 @@ def plot(records: list[dict], png: Path) -> None:
     axes = list(axes[0])
     if sweep:
         ax = axes.pop(0)
-        for i, backend in enumerate(dict.fromkeys(r["backend"] for r in sweep)):
+        for i, name in enumerate(dict.fromkeys(row_label(r) for r in sweep)):
             for mode, style in (("fwd", "--"), ("fwd+bwd", "-")):
                 pts = sorted((r["N"], r["ms_per_1k_tokens"]) for r in sweep
-                             if r["backend"] == backend and r["mode"] == mode)
+                             if row_label(r) == name and r["mode"] == mode)
                 if pts:
-                    ax.plot(*zip(*pts), style, color=f"C{i}", marker="o", label=f"{backend} {mode}")
+                    ax.plot(*zip(*pts), style, color=f"C{i}", marker="o", label=f"{name} {mode}")
         ax.set(xscale="log", yscale="log", xlabel="N (tokens per image; B x N fixed)",
                ylabel="ms per 1k tokens", title=f"Scaling, {sweep[0]['dtype']} (flat = linear in N)")
         ax.legend(fontsize=7)
@@ -792,13 +910,13 @@ def plot(records: list[dict], png: Path) -> None:
         dtype = "float16" if "float16" in dtypes else dtypes[0]
         bars = [r for r in bars if r["dtype"] == dtype]
         shapes = list(dict.fromkeys(r["shape"] for r in bars))
-        backends = list(dict.fromkeys(r["backend"] for r in bars))
-        width = 0.8 / len(backends)
-        for i, backend in enumerate(backends):
+        names = list(dict.fromkeys(row_label(r) for r in bars))
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
             xs = [j + i * width for j, s in enumerate(shapes)
-                  for r in bars if r["shape"] == s and r["backend"] == backend]
-            ys = [r["time_ms"] for s in shapes for r in bars if r["shape"] == s and r["backend"] == backend]
-            ax.bar(xs, ys, width, label=backend)
+                  for r in bars if r["shape"] == s and row_label(r) == name]
+            ys = [r["time_ms"] for s in shapes for r in bars if r["shape"] == s and row_label(r) == name]
+            ax.bar(xs, ys, width, label=name)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes, rotation=20, fontsize=8)
         ax.set(yscale="log", ylabel="ms", title=f"forward+backward, {dtype}")
         ax.legend(fontsize=7)
@@ -813,7 +931,20 @@ def plot(records: list[dict], png: Path) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of %(default)s")
+    p.add_argument("--backends", default=",".join(ROWS),
+                   help="comma-separated subset of %(default)s (flex: the FlexAttention peer)")
+    p.add_argument("--lists", default=",".join(LISTS),
+                   help="neighbour lists, comma-separated subset of %(default)s: aff = each token's "
+                        "own nearest clusters (AFF's), cluster = one list per cluster; the sweep "
+                        "runs on the first")
+    p.add_argument("--flex-block-size", type=int, default=64,
+                   help="the flex peer's BlockMask tile, a multiple of the cluster size 8 "
+                        "(default %(default)s)")
+    p.add_argument("--flex-block-mask", choices=("kv-blocks", "create"), default="kv-blocks",
+                   help="how the flex peer builds its BlockMask: kv-blocks = from each query "
+                        "block's cluster blocks (BlockMask.from_kv_blocks, cheap), create = "
+                        "create_block_mask evaluated eagerly, one image at a time; the same "
+                        "mask (default %(default)s)")
     p.add_argument("--dtypes", default="float32,float16,bfloat16",
                    help="comma-separated (fp32/fp16/bf16 accepted); default %(default)s")
     p.add_argument("--shapes", default="all",
@@ -861,17 +992,22 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="device of --smoke (the full run needs CUDA); default %(default)s")
     opt = p.parse_args(argv)
-    opt.backends = [b for b in opt.backends.split(",") if b]
+    opt.backends = list(dict.fromkeys(b for b in opt.backends.split(",") if b))
+    opt.lists = list(dict.fromkeys(x for x in opt.lists.split(",") if x))
     opt.dtypes = [DTYPE_ALIASES.get(d, d) for d in opt.dtypes.split(",") if d]
     opt.sweep_dtype = DTYPE_ALIASES.get(opt.sweep_dtype, opt.sweep_dtype)
     opt.shapes = (list(SHAPES) if opt.shapes == "all" else [] if opt.shapes == "none"
                   else [s for s in opt.shapes.split(",") if s])
     opt.sweep_n = [int(n) for n in opt.sweep_n.split(",") if n]
-    for label, given, known in (("backend", opt.backends, BACKENDS), ("dtype", opt.dtypes + [opt.sweep_dtype], DTYPES),
-                                ("shape", opt.shapes, SHAPES)):
+    for what, given, known in (("backend", opt.backends, ROWS), ("dtype", opt.dtypes + [opt.sweep_dtype], DTYPES),
+                               ("shape", opt.shapes, SHAPES), ("lists", opt.lists, LISTS)):
         unknown = [g for g in given if g not in known]
         if unknown:
-            p.error(f"unknown {label}(s) {unknown}; known: {', '.join(known)}")
+            p.error(f"unknown {what} {unknown}; known: {', '.join(known)}")
+    if not opt.lists:
+        p.error(f"--lists: name at least one of {', '.join(LISTS)}")
+    if opt.flex_block_size < 8 or opt.flex_block_size % 8:
+        p.error(f"--flex-block-size: expected a multiple of 8, got {opt.flex_block_size}")
     return opt
 
 
@@ -915,7 +1051,8 @@ def main(argv=None) -> int:
         (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "cases": recs}, indent=1))
         (out_dir / f"{stem}.md").write_text(to_markdown(meta, recs))
 
-    ctx = {"device": device, "opt": opt, "bandwidth": bandwidth, "backends": opt.backends, "save": save}
+    ctx = {"device": device, "opt": opt, "bandwidth": bandwidth, "backends": opt.backends,
+           "lists": opt.lists, "save": save}
     if opt.smoke:
         all_records += run_shape(ctx, "smoke", SMOKE_SHAPE[0], SMOKE_SHAPE[1], ["float32"])
     else:
@@ -930,7 +1067,8 @@ def main(argv=None) -> int:
 
     failed = [r for r in all_records if r["status"] == "error"]
     for r in failed:
-        log(f"FAILED {r['shape']} {r['backend']} {r['dtype']} {r['mode']}: {r['reason'][:500]}")
+        log(f"FAILED {r['shape']} {r['backend']} ({r['lists']}) {r['dtype']} {r['mode']}: "
+            f"{r['reason'][:500]}")
     if not any(r["status"] == "ok" for r in all_records):
         log("nothing ran")
         return 2 if not failed else 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench  # noqa: E402
 
@@ -101,7 +103,7 @@ def test_rounds_oom_stops_the_sweep():
     oom_at = {}
     for rec in recs:
         bench._note_oom(rec, oom_at)
-    assert oom_at == {("reference", "fwd+bwd"): 4096}
+    assert oom_at == {("reference", "aff", "fwd+bwd"): 4096}
 
 
 def test_graph_step_attention_takes_the_leaves_it_is_given():
@@ -111,7 +113,6 @@ def test_graph_step_attention_takes_the_leaves_it_is_given():
 
     import torch
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        import pytest
         pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
     import graph_step
 
@@ -121,3 +122,79 @@ def test_graph_step_attention_takes_the_leaves_it_is_given():
     graph_step.attention(x, False)(*leaves).backward(x.dout)
     assert all(t.grad is not None for t in leaves)
     assert all(t.grad is None for t in x.leaves())
+
+
+def _lists_records():
+    recs = []
+    for lists in bench.LISTS:
+        for backend in ("triton", "flex"):
+            for mode in bench.MODES:
+                rec = bench.base_record("shape", "affmae_stage1", bench.SHAPES["affmae_stage1"],
+                                        backend, "bfloat16", mode, lists)
+                rec.update(status="ok", time_ms=1.0 if lists == "aff" else 2.0, reps=5, gbps=1.0,
+                           x_floor=3.0, first_call_s=0.1)
+                if backend == "flex":
+                    rec.update(block_mask_method="kv-blocks", block_size=64, block_mask_s=0.5,
+                               block_mask_warm_s=0.01, block_sparsity_pct=75.0,
+                               block_tiles={"partial": 1, "full": 0, "all": 4}, masks_mib=33.7,
+                               compiled=True)
+                recs.append(rec)
+    return recs
+
+
+def test_records_and_markdown_name_the_lists():
+    recs = _lists_records()
+    assert {r["lists"] for r in recs} == {"aff", "cluster"}
+    assert bench.base_record("shape", "s", bench.SMOKE_SHAPE[1], "triton", "float32", "fwd")["lists"] == "aff"
+    lines = bench.to_markdown(META, recs).splitlines()
+    header = [c.strip() for c in next(x for x in lines if x.startswith("| backend")).split("|")]
+    assert header[1:4] == ["backend", "lists", "dtype"]
+    rows = {tuple(c.strip() for c in x.split("|")[1:4]): [c.strip() for c in x.split("|")]
+            for x in lines if x.startswith(("| triton |", "| flex |"))}
+    assert set(rows) == {(b, li, "bfloat16") for b in ("triton", "flex") for li in ("aff", "cluster")}
+    for (_, li, _), row in rows.items():  # each row reads its own lists' records
+        assert row[header.index("fwd ms")] == ("1.000" if li == "aff" else "2.000")
+    flex = [x for x in lines if x.startswith("- flex (")]
+    assert any("(aff)" in x and "kv-blocks 64x64" in x and "75.0% of tiles skipped" in x for x in flex)
+    assert bench.row_label(recs[0]) == "triton (aff)" and bench.row_label(recs[-1]) == "flex (cluster)"
+    old = _records(None)  # records of a run before the lists were named still format
+    for r in old:
+        del r["lists"]
+    assert "| triton | – | bfloat16 |" in bench.to_markdown(META, old)
+
+
+def test_lists_option(capsys):
+    opt = bench.parse_args([])
+    assert opt.lists == ["aff", "cluster"] and "flex" in opt.backends
+    assert bench.parse_args(["--lists", "cluster"]).lists == ["cluster"]
+    for bad, says in (("aff,knn", "unknown lists ['knn']"), (",", "at least one")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--lists", bad])
+        assert says in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--flex-block-size", "12"])
+
+
+def test_smoke_runs_both_lists_and_the_flex_peer(tmp_path):
+    # The CPU smoke with the reference and the flex peer only (both fast): every record
+    # names its lists, the flex forward is checked against float64, its backward skipped.
+    import json
+
+    rc = bench.main(["--smoke", "--device", "cpu", "--backends", "reference,flex",
+                     "--smoke-reps", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    (js,) = tmp_path.glob("*-smoke.json")
+    assert js.with_suffix(".md").exists()
+    cases = json.loads(js.read_text())["cases"]
+    assert [(r["lists"], r["backend"], r["mode"]) for r in cases] == [
+        (li, b, m) for li in ("aff", "cluster") for b in ("reference", "flex") for m in bench.MODES]
+    for r in cases:
+        if r["backend"] == "flex" and r["mode"] == "fwd":
+            assert r["status"] == "ok" and r["smoke_check"] == "ok" and r["max_abs_err_vs_fp64"] < 1e-5
+            assert r["block_mask_method"] == "kv-blocks" and r["block_mask_s"] <= r["first_call_s"]
+        elif r["backend"] == "flex":
+            assert r["status"] == "skipped" and "backward on the CPU" in r["reason"]
+        else:
+            assert r["status"] == "ok"
+    md = js.with_suffix(".md").read_text()
+    assert "| flex | aff | float32 |" in md and "| reference | cluster | float32 |" in md
