@@ -59,7 +59,9 @@ def test_gradients_deterministic_mode(cfg, dtype, lists, device, reference_cache
     """The triton backend's deterministic backward at the suite configurations."""
     if device.type == "cpu" and dtype != torch.float32:
         pytest.skip("low precision kernels are checked on the GPU only")
-    skip_slow_on_cpu(device, "triton", cfg, lists)
+    if device.type == "cpu" and cfg.name == "config_3_large":
+        pytest.skip("interpreter time (over two minutes): the deterministic backward runs at "
+                    "config_3_large on the GPU, and at the ragged configurations here")
     _check_grads("triton", cfg, dtype, device, reference_cache, bwd_tol, deterministic=True,
                  lists=lists)
 
