@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import keops_probe
+
 __all__ = [
     "Neighborhoods",
     "build_neighborhoods",
@@ -58,7 +60,8 @@ KNN_METHODS = ("auto", "torch", "keops")
 LISTS = ("aff", "cluster")
 
 # Upper bound on the elements of one chunk's [B, Qc, P] distance matrix in the torch kNN,
-# so memory stays bounded whatever Q is (16M float64 = 128 MiB, plus the sort's copies).
+# so memory stays bounded whatever Q is (16M float64 = 128 MiB, twice while the y term is
+# added).
 _KNN_CHUNK_ELEMS = 1 << 24
 
 _KEOPS_INSTALL_HINT = ("pykeops is not installed; install it with `pip install pykeops` "
@@ -176,20 +179,31 @@ def space_filling_order(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- kNN
 
-_keops_ok: dict[str, bool] = {}
-
-
 def _keops_usable(device: torch.device) -> bool:
-    """Whether pykeops imports and runs on ``device`` (checked once per device type)."""
-    key = device.type
-    if key not in _keops_ok:
-        try:
-            x = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]]], device=device)
-            out = _knn_keops(x, x, 1, None)
-            _keops_ok[key] = bool((out[0, :, 0].cpu() == torch.arange(3)).all())
-        except Exception:
-            _keops_ok[key] = False
-    return _keops_ok[key]
+    """For ``method="auto"``: whether KeOps may be used on ``device``.
+
+    Never calls KeOps in this process: the verdict comes from ``keops_probe.probe_keops``
+    (a child process, cached per machine and software versions). pykeops not installed:
+    False, silently. Installed but the probe failed (crash, error, timeout): False, with one
+    ``KeOpsFallbackWarning`` per process and key.
+    """
+    if not keops_probe.keops_installed():
+        return False
+    res = keops_probe.probe_keops(device)
+    if not res.ok:
+        keops_probe.warn_fallback(res)
+    return res.ok
+
+
+def _keops_check(device: torch.device) -> None:
+    """For ``method="keops"``: raise, rather than call a KeOps that would crash or fail."""
+    if not keops_probe.keops_installed():
+        raise ImportError(_KEOPS_INSTALL_HINT)
+    res = keops_probe.probe_keops(device)
+    if not res.ok:
+        raise RuntimeError(f"knn(method='keops'): PyKeOps is unusable here, so it was not "
+                           f"called. {res.describe()}. Use method='torch' or 'auto', or "
+                           f"{keops_probe.REPROBE_HINT} once KeOps is fixed")
 
 
 def _sq_dist(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -208,10 +222,11 @@ def _sq_dist(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def _smallest_k(d: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the ``k`` smallest entries of each row of ``d``, ordered by (value, index).
 
-    topk is several times faster than a full sort but promises nothing about which of
-    several equal values it returns. So topk only supplies the k-th smallest value; the
-    set is then every entry below it plus the lowest-index entries equal to it, which is
-    what a stable sort would pick.
+    The exact fallback of ``_knn_torch`` for rows too long to pack the index into the
+    distance's low bits. topk promises nothing about which of several equal values it
+    returns, so topk only supplies the k-th smallest value; the set is then every entry
+    below it plus the lowest-index entries equal to it, which is what a stable sort would
+    pick. (Two host syncs per call: ``over.any()`` and ``nonzero``.)
     """
     kth = torch.topk(d, k, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
     below = d < kth
@@ -229,28 +244,110 @@ def _smallest_k(d: torch.Tensor, k: int) -> torch.Tensor:
     return idx.gather(-1, perm)
 
 
+# The packed kNN keeps at least 52 - 24 = 28 of float64's mantissa bits; longer rows (over
+# 2^24 points) take the exact, slower _smallest_k.
+_KNN_PACK_MAX_BITS = 24
+
+
+def _group_size(P: int, k: int, device_type: str) -> int:
+    """Points per group of ``_knn_torch``'s two-stage selection, or 0 for one plain topk.
+
+    About ``sqrt(P / k)`` (a power of two), which balances the first topk (over ``P / S``
+    group minima) against the second (over ``k * S`` candidates); 0 when there would be
+    fewer than ``2 k`` groups, where the stages would not save anything, and on the CPU,
+    where topk is cheap next to the distances and the stages cost 15-40 % more.
+    """
+    if device_type != "cuda":
+        return 0
+    S = 1 << max(0, int(math.log2(math.sqrt(P / k))))
+    return S if S >= 2 and -(-P // S) >= 2 * k else 0
+
+
 def _knn_torch(queries, points, k, valid_points):
+    """Chunked exact-difference distances, selected by ``topk`` on packed keys; no host syncs.
+
+    Keys: a squared distance ``d >= 0`` in float64 orders like its bit pattern read as
+    int64. The pattern's low ``b = bit_length(P' - 1)`` bits (mantissa bits; ``P'`` is ``P``
+    padded to whole groups) are replaced by the point's index, so keys are unique and the
+    ``k`` smallest keys, ascending, are the ``k`` nearest points by (distance, index); the
+    index is read back from the low bits.
+    Distances equal to within a relative ``2^(b-52)`` (4.5e-13 for P = 2048) count as ties:
+    exact ties (integer grids, cluster means of them) stay ties and go to the lower index.
+    Invalid points get ``d = inf``, so they follow every valid one, by index.
+
+    Selection, exact, in two stages (``_group_size``): the points are cut into groups of
+    ``S`` consecutive indices, and a group's key is ``(its minimum d, group index)``
+    packed the same way, which orders groups like their smallest element keys (lower group,
+    lower indices). The ``k`` nearest points lie in at most ``k`` groups, each with a
+    minimum at most the ``k``-th nearest's key, so in the ``k`` groups of smallest key:
+    one ``topk`` over ``P / S`` group keys, a gather of ``k * S`` candidates, a ``topk``
+    over those (``topk`` over whole rows is the slow part on a GPU). Results are identical
+    to one ``topk`` over whole rows.
+    """
     B, Q, _ = queries.shape
     P = points.shape[1]
-    # float64 keeps squared distances of float32 coordinates exact-ish, so results do not
-    # depend on the caller's dtype through rounding of the distance itself.
     q = queries.detach().double()
     p = points.detach().double()
-    chunk = max(1, _KNN_CHUNK_ELEMS // max(1, B * P))
-    out = []
+    dev = q.device
+    invalid = None if valid_points is None else ~valid_points[:, None, :]
+    if max(1, (P - 1).bit_length()) > _KNN_PACK_MAX_BITS:
+        chunk = max(1, _KNN_CHUNK_ELEMS // max(1, B * P))
+        out = []
+        for s in range(0, Q, chunk):
+            d = _sq_dist(q[:, s:s + chunk], p)
+            if invalid is not None:
+                d.masked_fill_(invalid, math.inf)
+            out.append(_smallest_k(d, k))
+        return torch.cat(out, dim=1)
+    S = _group_size(P, k, dev.type)
+    G = -(-P // S) if S else 0
+    Pp = G * S if S else P  # points padded to whole groups: padding at d = inf, last
+    if Pp > P:
+        p = torch.cat([p, p[:, :1].expand(B, Pp - P, 2)], dim=1)
+        pad = torch.zeros(B, 1, Pp, dtype=torch.bool, device=dev)
+        pad[..., P:] = True
+        invalid = pad if invalid is None else torch.cat([invalid, pad[..., P:]], dim=-1)
+    if S:
+        # Slot-major columns: point g*S + s goes to column s*G + g, so a group's minimum is
+        # a reduction over a strided dimension with G contiguous lanes (much faster on a GPU
+        # than reducing S contiguous elements).
+        p = p.view(B, G, S, 2).transpose(1, 2).reshape(B, Pp, 2)
+        if invalid is not None:
+            invalid = invalid.view(B, 1, G, S).transpose(-1, -2).reshape(B, 1, Pp)
+    bits = max(1, (Pp - 1).bit_length())
+    low = (1 << bits) - 1
+    chunk = max(1, _KNN_CHUNK_ELEMS // max(1, B * Pp))
+    index = torch.arange(Pp, dtype=torch.int64, device=dev)
+    slot_col = index[:S] * G  # column offset of slot s
+    qx, qy = q[..., 0, None], q[..., 1, None]  # [B, Q, 1]
+    px, py = p[:, None, :, 0], p[:, None, :, 1]  # [B, 1, Pp]
+    out = torch.empty(B, Q, k, dtype=torch.int64, device=dev)
     for s in range(0, Q, chunk):
-        d = _sq_dist(q[:, s:s + chunk], p)
-        if valid_points is not None:
-            d.masked_fill_(~valid_points[:, None, :], math.inf)
-        out.append(_smallest_k(d, k))
-    return torch.cat(out, dim=1)
+        # _sq_dist, with the coordinate views taken once
+        d = torch.sub(qx[:, s:s + chunk], px)
+        d.mul_(d)
+        dy = torch.sub(qy[:, s:s + chunk], py)
+        d.addcmul_(dy, dy)
+        del dy
+        if invalid is not None:
+            d.masked_fill_(invalid, math.inf)
+        if S:
+            c = d.shape[1]
+            gkey = d.view(B, c, S, G).amin(2).view(torch.int64)
+            gkey.bitwise_and_(~low).bitwise_or_(index[:G])
+            g = torch.topk(gkey, k, dim=-1, largest=False, sorted=False).values
+            g = g.bitwise_and_(low)[..., None]  # [B, c, k, 1] chosen groups
+            cols = (g + slot_col).view(B, c, k * S)
+            key = d.gather(-1, cols).view(torch.int64).bitwise_and_(~low)
+            key.bitwise_or_((g * S + index[:S]).view(B, c, k * S))  # the points' own indices
+        else:
+            key = d.view(torch.int64).bitwise_and_(~low).bitwise_or_(index)
+        top = torch.topk(key, k, dim=-1, largest=False, sorted=True).values
+        out[:, s:s + chunk] = top.bitwise_and_(low)
+    return out
 
 
 def _knn_keops(queries, points, k, valid_points):
-    try:
-        from pykeops.torch import LazyTensor
-    except ImportError as e:
-        raise ImportError(_KEOPS_INSTALL_HINT) from e
     q = queries.detach().to(torch.float32).contiguous()
     p = points.detach().to(torch.float32).contiguous()
     if valid_points is not None:
@@ -258,10 +355,7 @@ def _knn_keops(queries, points, k, valid_points):
         # finite; they can then only be chosen after every valid point.
         far = p.abs().amax() * 4 + 1e6
         p = torch.where(valid_points[..., None], p, far)
-    x_i = LazyTensor(q[:, :, None, :])
-    y_j = LazyTensor(p[:, None, :, :])
-    d = ((x_i - y_j) ** 2).sum(-1)
-    idx = d.argKmin(k, dim=2).long()  # batch dim 0, i dim 1, j dim 2
+    idx = keops_probe.keops_argkmin(q, p, k)
     # KeOps' order among equal distances is unspecified; re-sort its picks by
     # (distance, index) so the output follows the same convention as the torch path.
     idx_sorted = torch.sort(idx, dim=-1).values
@@ -285,16 +379,26 @@ def knn(queries: torch.Tensor, points: torch.Tensor, k: int, method: str = "auto
     """Indices ``[B, Q, k]`` of each query's ``k`` nearest points, nearest first.
 
     Distance is squared Euclidean. On the torch path ties are broken by lower point index
-    (a stable sort of exact float64 distances), so the result is deterministic. Invalid
-    points (``valid_points`` False) are never chosen before a valid one; if a row has
-    fewer than ``k`` valid points, the remaining picks are invalid points.
+    (exact-difference float64 distances; see ``_knn_torch`` for what counts as a tie), so
+    the result is deterministic. Invalid points (``valid_points`` False) are never chosen
+    before a valid one; if a row has fewer than ``k`` valid points, the remaining picks are
+    invalid points.
 
-    method: ``"torch"`` (chunked over queries, bounded memory), ``"keops"``
-    (``pykeops.torch.LazyTensor.argKmin``, computed in float32; its picks are then
-    ordered by (distance, index), but which of several equidistant points at the k-th
+    method: ``"torch"`` (chunked over queries, bounded memory, no host syncs in the loop),
+    ``"keops"`` (``pykeops.torch.LazyTensor.argKmin``, computed in float32; its picks are
+    then ordered by (distance, index), but which of several equidistant points at the k-th
     place it picks may differ from the torch path), or ``"auto"``: KeOps for CUDA tensors
-    when pykeops is installed and working, torch otherwise. (On CPU the torch path is as
-    fast at these sizes and avoids KeOps' per-``k`` compile.)
+    when pykeops is installed and ``cluster.keops_probe`` says it works, torch otherwise
+    (on CPU always torch: as fast at these sizes, and no per-``k`` compile).
+
+    KeOps is never called in this process before a probe in a *child* process has run it
+    (PyKeOps' compile can segfault, e.g. 2.3 under CUDA 13, which no ``try`` survives); the
+    verdict is cached per machine and software versions, in memory and in
+    ``cluster.keops_probe.cache_dir()``. With a failed verdict, ``"auto"`` uses torch and
+    says so once per process (``keops_probe.KeOpsFallbackWarning``), and ``"keops"`` raises
+    ``RuntimeError`` with the verdict (``ImportError`` with an install hint when pykeops is
+    not installed). Re-probe: ``CLUSTER_KEOPS_REPROBE=1``, ``keops_probe.probe_keops(device,
+    refresh=True)`` or ``keops_probe.clear_cache()``.
     """
     queries = _check_pos("queries", queries)
     points = _check_pos("points", points)
@@ -309,9 +413,10 @@ def knn(queries: torch.Tensor, points: torch.Tensor, k: int, method: str = "auto
     if method not in KNN_METHODS:
         raise ValueError(f"method: expected one of {KNN_METHODS}, got {method!r}")
     # NaN compares false with everything, which would break the tie-break's exact-k count.
-    for name, t in (("queries", queries), ("points", points)):
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name}: contains NaN or inf")
+    # One host sync for both checks; the message names the culprit only on failure.
+    if not bool(torch.isfinite(queries).all() & torch.isfinite(points).all()):
+        name = "queries" if not torch.isfinite(queries).all() else "points"
+        raise ValueError(f"{name}: contains NaN or inf")
     if valid_points is not None:
         if not isinstance(valid_points, torch.Tensor) or valid_points.dtype != torch.bool:
             raise TypeError("valid_points: expected a bool tensor [B, P] or None")
@@ -324,6 +429,8 @@ def knn(queries: torch.Tensor, points: torch.Tensor, k: int, method: str = "auto
     if method == "auto":
         use_keops = queries.device.type == "cuda" and _keops_usable(queries.device)
         method = "keops" if use_keops else "torch"
+    elif method == "keops":
+        _keops_check(queries.device)
     if method == "keops":
         return _knn_keops(queries, points, k, valid_points)
     return _knn_torch(queries, points, k, valid_points)

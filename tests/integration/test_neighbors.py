@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from cluster import keops_probe
 from cluster import neighbors as nbr
 
 HAS_KEOPS = importlib.util.find_spec("pykeops") is not None
@@ -151,6 +152,55 @@ def test_knn_chunking_and_valid_points(monkeypatch):
         assert picked_valid[:, :m].all()
 
 
+def _stable_knn(q, p, k, valid=None):
+    # Brute force: exact float64 distances, invalid points at inf, stable sort (index ties).
+    d = ((q[:, :, None].double() - p[:, None].double()) ** 2).sum(-1)
+    if valid is not None:
+        d = d.masked_fill(~valid[:, None, :], math.inf)
+    return d.sort(dim=-1, stable=True).indices[..., :k]
+
+
+@pytest.mark.parametrize("path", ["grouped", "S=2", "S=3", "plain", "exact"])
+def test_knn_torch_paths_tie_break_by_index(path, monkeypatch):
+    # Every torch path gives exactly what a stable sort gives, invalid points included
+    # (last, by index): the two-stage selection (groups of S points; 3 leaves a short last
+    # group, padded), one topk over whole rows, and the exact _smallest_k for long rows.
+    if path == "exact":
+        monkeypatch.setattr(nbr, "_KNN_PACK_MAX_BITS", 0)
+    elif path == "plain":
+        monkeypatch.setattr(nbr, "_group_size", lambda P, k, dev: 0)
+    else:  # the CPU's default is "plain"; force the GPU's two stages
+        S = 4 if path == "grouped" else int(path[2:])  # grouped: 4 as the GPU would pick
+        assert path != "grouped" or nbr._group_size(37, 2, "cuda") == 4
+        monkeypatch.setattr(nbr, "_group_size", lambda P, k, dev: S if 2 * k <= P // 3 else 0)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(0, 6, (2, 50, 2), generator=g).float()
+    p = torch.randint(0, 6, (2, 37, 2), generator=g).double()  # float64, as the means are
+    valid = torch.rand(2, 37, generator=g) > 0.7
+    for k in (1, 2, 5, 37):
+        assert torch.equal(nbr.knn(q, p, k, method="torch"), _stable_knn(q, p, k))
+        assert torch.equal(nbr.knn(q, p, k, method="torch", valid_points=valid),
+                           _stable_knn(q, p, k, valid))
+    monkeypatch.setattr(nbr, "_KNN_CHUNK_ELEMS", 100)  # several chunks, 1 query per chunk
+    assert torch.equal(nbr.knn(q, p, 5, method="torch", valid_points=valid),
+                       _stable_knn(q, p, 5, valid))
+    # Jittered positions, cluster-mean-like points: no ties, the same order as exact.
+    qj = nbr.make_synthetic_positions(2, 200, 15, 15, seed=4, grid=False)
+    pj = qj.double().view(2, 25, 8, 2).mean(2)
+    assert torch.equal(nbr.knn(qj, pj, 6, method="torch"), _stable_knn(qj, pj, 6))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_knn_torch_cuda_matches_cpu():
+    pos = nbr.make_synthetic_positions(4, 2048, 46, 45, seed=1)
+    means = pos.double().view(4, 256, 8, 2).mean(2)
+    want = nbr.knn(pos, means, 8, method="torch")
+    assert torch.equal(nbr.knn(pos.cuda(), means.cuda(), 8, method="torch").cpu(), want)
+    g = nbr.make_synthetic_positions(2, 300, 20, 20, seed=3)  # integer grid: many ties
+    assert torch.equal(nbr.knn(g.cuda(), g.cuda(), 9, method="torch").cpu(),
+                       _stable_knn(g, g, 9))
+
+
 def test_knn_errors():
     x = torch.rand(1, 5, 2)
     with pytest.raises(ValueError, match="k"):
@@ -175,18 +225,25 @@ def test_knn_keops_missing_raises_with_hint(monkeypatch):
 
 
 @pytest.mark.skipif(not HAS_KEOPS, reason="pykeops not installed")
-def test_knn_keops_matches_torch_distances(tmp_path_factory, monkeypatch):
-    # Compiled formulas go to a scratch folder unless the user chose one (read at import).
+@pytest.mark.parametrize("dev", ["cpu", "cuda"])
+def test_knn_keops_matches_torch_distances(dev, tmp_path_factory, monkeypatch):
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    # Compiled formulas go to a scratch folder unless the user chose one (read at import);
+    # the probe's verdict to one of this session's, not to the user's cache.
     if "KEOPS_CACHE_FOLDER" not in os.environ:
         monkeypatch.setenv("KEOPS_CACHE_FOLDER", str(tmp_path_factory.mktemp("keops")))
-    pos = nbr.make_synthetic_positions(2, 90, 10, 10, seed=0)
+    monkeypatch.setenv("CLUSTER_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cluster-cache"))
+    # Ask the crash-safe probe first: where KeOps would segfault (PyKeOps 2.3 under CUDA 13)
+    # or cannot compile, skip with its verdict rather than lose the worker.
+    verdict = keops_probe.probe_keops(dev)
+    if not verdict.ok:
+        pytest.skip(verdict.describe())
+    pos = nbr.make_synthetic_positions(2, 90, 10, 10, seed=0).to(dev)
     q = pos[:, :30]
-    try:
-        ik = nbr.knn(q, pos, 6, method="keops")
-    except ImportError as e:  # installed but unusable here (no compiler, ...)
-        pytest.skip(f"pykeops unusable: {e}")
+    ik = nbr.knn(q, pos, 6, method="keops")
     it = nbr.knn(q, pos, 6, method="torch")
-    d = torch.cdist(q.double(), pos.double()) ** 2
+    d = torch.cdist(q.double(), pos.double(), compute_mode="donot_use_mm_for_euclid_dist") ** 2
     assert torch.equal(d.gather(-1, ik), d.gather(-1, it))
     # Ordering convention: ascending distance, ties by index.
     dk = d.gather(-1, ik)
@@ -194,7 +251,7 @@ def test_knn_keops_matches_torch_distances(tmp_path_factory, monkeypatch):
     same = dk[..., 1:] == dk[..., :-1]
     assert (ik[..., 1:] > ik[..., :-1])[same].all()
     # Same k (6 clusters of 8) so KeOps reuses the formula compiled above.
-    valid = torch.arange(90).expand(2, 90) % 3 != 0
+    valid = torch.arange(90, device=dev).expand(2, 90) % 3 != 0
     ik = nbr.knn(q, pos, 6, method="keops", valid_points=valid)
     it = nbr.knn(q, pos, 6, method="torch", valid_points=valid)
     assert valid.gather(1, ik.flatten(1)).all()
@@ -206,7 +263,7 @@ def test_knn_keops_matches_torch_distances(tmp_path_factory, monkeypatch):
     means = torch.cat([means, nt.pos[:, 88:].double().mean(1, keepdim=True)], dim=1)
     dc = torch.cdist(means, means) ** 2
     assert torch.allclose(dc.gather(-1, nk.nearest_clusters), dc.gather(-1, nt.nearest_clusters))
-    assert (nk.nearest_clusters[..., 0] == torch.arange(12)).all()
+    assert (nk.nearest_clusters[..., 0] == torch.arange(12, device=dev)).all()
 
 
 # --------------------------------------------------------------------------- neighbourhoods
