@@ -229,3 +229,108 @@ def test_feat_shape_error():
     with pytest.raises(ValueError, match="feat"):
         m(torch.randn(1, 40, 9), torch.zeros(1, 40, 8, dtype=torch.long), None,
           torch.zeros(1, 40, 8, dtype=torch.long), False)
+
+
+def test_default_rel_pos_width_aff_and_affmae():
+    """cluster.ClusterAttention keeps AFF's table (R=55); AFF-MAE's two paths take 511."""
+    from cluster.archive.aff import ClusterAttention as Old
+    from cluster.cluster_attn import ClusterAttention as New
+
+    assert ClusterAttention(8, 2).rel_pos_width == 55
+    assert New(dim=8, num_heads=2).rel_pos_width == Old(dim=8, num_heads=2).rel_pos_width == 511
+    assert New(8, 2, rel_pos_width=7).pre_table.shape == (225, 5)
+
+
+def test_needed_rel_pos_width_is_smallest_table():
+    from cluster.nn import needed_rel_pos_width
+
+    for top in list(range(0, 300)) + [12320, 12321, 1046528, 1046529]:
+        brute = next(r for r in range(600) if (2 * r + 1) ** 2 > top)
+        assert needed_rel_pos_width(top) == brute, top
+
+
+def test_bias_table_float32_under_autocast_without_copy():
+    """Under autocast the [T, 5] table goes to pos_embed as the buffer itself (no per-step
+    cast or copy) and the [T, H] bias reaches the op in float32, beside bfloat16 q."""
+    from cluster import ops
+
+    cfg = CONFIGS[0]
+    feat, idx, mask, pe_idx, R = _layer_inputs(cfg)
+    m = ClusterAttention(cfg.C, cfg.H, rel_pos_width=R, backend="reference")
+    inputs, seen = [], {}
+    m.pos_embed.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+    real = ops.cluster_attention
+
+    def spy(q, k, v, member_idx, **kw):
+        seen.update(q=q.dtype, pe_table=kw["pe_table"].dtype)
+        return real(q, k, v, member_idx, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ops, "cluster_attention", spy)
+    try:
+        for x in (feat, feat.bfloat16()):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(x, idx, mask, pe_idx, False)
+            assert out.dtype == torch.bfloat16
+            assert seen == {"q": torch.bfloat16, "pe_table": torch.float32}
+            assert inputs[-1] is m.pre_table
+    finally:
+        mp.undo()
+    # without autocast a float64 module still computes its table in float64
+    m64 = ClusterAttention(cfg.C, cfg.H, rel_pos_width=R).double()
+    assert m64._bias_table(feat.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("where", ["local", "attn_drop", "global"])
+def test_out_of_range_pe_idx_names_rel_pos_width(where):
+    cfg = CONFIGS[0]
+    feat, idx, mask, pe_idx, R = _layer_inputs(cfg)
+    m = ClusterAttention(cfg.C, cfg.H, attn_drop=0.5 if where == "attn_drop" else 0.0,
+                         backend="reference")  # R = 55: T = 12321
+    if where == "global":
+        pe_idx = torch.zeros(cfg.B, cfg.N, cfg.N, dtype=torch.long)
+    bad = pe_idx.clone()
+    bad.view(-1)[3] = 12321  # row 12321 = 111^2 needs R = 56
+    ctx = pytest.warns(RuntimeWarning, match="attn_drop") if where == "attn_drop" else warnings.catch_warnings()
+    with ctx, pytest.raises(IndexError) as info:
+        m(feat, idx, mask, bad, where == "global")
+    msg = str(info.value)
+    for part in ("pe_idx:", "rel_pos_width R=55", "T=(2R+1)^2=12321", "rel_pos_width >= 56"):
+        assert part in msg, (part, msg)
+    bad.view(-1)[3] = -2
+    with pytest.raises(IndexError, match="negative"):
+        m.eval()(feat, idx, mask, bad, where == "global")
+
+
+def test_member_idx_error_passes_through():
+    cfg = CONFIGS[0]
+    feat, idx, mask, pe_idx, R = _layer_inputs(cfg)
+    m = ClusterAttention(cfg.C, cfg.H, rel_pos_width=R, backend="reference")
+    bad = idx.clone()
+    bad[0, 0, 0] = cfg.N
+    with pytest.raises(IndexError, match=r"^member_idx: values must lie in \[0, N\)"):
+        m(feat, bad, mask, pe_idx, False)
+
+
+def test_check_indices_false_reaches_the_op():
+    """check_indices=False skips the op's range check (its one device sync)."""
+    from cluster import ops
+
+    cfg = CONFIGS[0]
+    feat, idx, mask, pe_idx, R = _layer_inputs(cfg)
+    seen = []
+    real = ops.cluster_attention
+
+    def spy(*a, **kw):
+        seen.append(kw["check_indices"])
+        return real(*a, **kw)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ops, "cluster_attention", spy)
+    try:
+        for flag in (True, False):
+            m = ClusterAttention(cfg.C, cfg.H, rel_pos_width=R, backend="reference", check_indices=flag)
+            m(feat, idx, mask, pe_idx, False)
+    finally:
+        mp.undo()
+    assert seen == [True, False]
