@@ -156,12 +156,21 @@ def _expect_device(name: str, x: torch.Tensor, device: torch.device, ref: str = 
         raise ValueError(f"{name}: expected a tensor on {device} (the device of {ref}), got {x.device}")
 
 
-def _expect_index(name: str, x: torch.Tensor, upper: int, upper_name: str, check_range: bool) -> None:
+def _expect_index(name: str, x: torch.Tensor, upper: int, upper_name: str,
+                  check_range: bool) -> tuple | None:
+    """The dtype check now; the range check, if wanted, as a spec for :func:`_check_ranges`."""
     if x.dtype not in INDEX_DTYPES:
         raise TypeError(f"{name}: expected dtype int32 or int64, got {x.dtype}")
-    if check_range and x.numel() > 0:
-        lo, hi = torch.aminmax(x)
-        lo, hi = int(lo), int(hi)
+    return (name, x, upper, upper_name) if check_range and x.numel() > 0 else None
+
+
+def _check_ranges(specs) -> None:
+    """Every index tensor's min and max, read back in one device synchronisation."""
+    specs = [s for s in specs if s is not None]
+    if not specs:
+        return
+    bounds = torch.stack([torch.stack(torch.aminmax(x)).long() for _, x, _, _ in specs]).tolist()
+    for (name, _, upper, upper_name), (lo, hi) in zip(specs, bounds):
         if lo < 0 or hi >= upper:
             raise IndexError(
                 f"{name}: values must lie in [0, {upper_name}) = [0, {upper}), "
@@ -214,7 +223,7 @@ def check_inputs(
     if M < 1:
         raise ValueError("member_idx: expected M >= 1 neighbours per query, got M=0")
     _expect_device("member_idx", member_idx, q.device)
-    _expect_index("member_idx", member_idx, N, "N", check_indices)
+    ranges = [_expect_index("member_idx", member_idx, N, "N", check_indices)]
 
     if (pe_table is None) != (pe_idx is None):
         raise ValueError("pe_table and pe_idx: give both or neither")
@@ -228,7 +237,7 @@ def check_inputs(
         _expect_param("pe_table", pe_table, tuple(pe_table.shape), "[T, H]", q)
         _expect_shape("pe_idx", pe_idx, (B, N, M), "[B, N, M] of member_idx")
         _expect_device("pe_idx", pe_idx, q.device)
-        _expect_index("pe_idx", pe_idx, pe_table.shape[0], "T", check_indices)
+        ranges.append(_expect_index("pe_idx", pe_idx, pe_table.shape[0], "T", check_indices))
 
     if mask is not None:
         _expect_tensor("mask", mask)
@@ -250,6 +259,7 @@ def check_inputs(
     if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite Python number or None, got {scale!r}")
 
+    _check_ranges(ranges)
     name = resolve_backend(backend, q.device, q.dtype)
     limit = _backend_module(name)[0].MAX_HEAD_DIM
     if D > limit:
@@ -346,7 +356,7 @@ def weighted_features(
     _expect_device("member_idx", member_idx, feat.device, "feat")
     if M < 1:
         raise ValueError("member_idx: expected M >= 1, got M=0")
-    _expect_index("member_idx", member_idx, feat.shape[1], "Nf", check_indices)
+    _check_ranges([_expect_index("member_idx", member_idx, feat.shape[1], "Nf", check_indices)])
     name = resolve_backend(backend, feat.device, feat.dtype)
     if weights.numel() == 0 or feat.numel() == 0:
         name = "reference"

@@ -92,6 +92,28 @@ def test_index_check_can_be_skipped():
     torch.testing.assert_close(out, _call())
 
 
+def test_index_check_reads_back_once(monkeypatch):
+    """The documented cost: one read-back (device sync) for member_idx and pe_idx together,
+    and no scalar conversions of device values (each would be a sync of its own)."""
+    reads = []
+    real_tolist = torch.Tensor.tolist
+
+    def tolist(self):
+        reads.append(tuple(self.shape))
+        return real_tolist(self)
+
+    def no_scalar(self, *a):
+        raise AssertionError("a scalar read-back: one device sync per call")
+
+    a = _good()
+    q, k, v, idx = a.pop("q"), a.pop("k"), a.pop("v"), a.pop("member_idx")
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    for name in ("item", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, no_scalar)
+    ops.check_inputs(q, k, v, idx, **a, backend="reference")
+    assert reads == [(2, 2)]
+
+
 def test_weighted_features_checks():
     w = torch.randn(2, 10, 4, 3)
     f = torch.randn(2, 12, 5)
