@@ -48,7 +48,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -360,14 +359,12 @@ def check_module_equals_op(m, x: Inputs, backend) -> float:
 # ------------------------------------------------------------------------------ run
 
 def git_state() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev + ("+dirty" if dirty else "")
-    except Exception:
-        return "unknown"
+    """bench.py's commit / dirty rule (CLUSTER_GIT_COMMIT first), as "<commit>[+dirty]"."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench import git_state as bench_git_state
+
+    commit, dirty = bench_git_state()
+    return commit[:12] + ("+dirty" if dirty else "")
 
 
 def run(opt) -> tuple[dict, int]:
