@@ -144,6 +144,13 @@ def module_steps(m, x: Inputs, amp, device):
         with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
             return m(feat, *args)
 
+    return (*_step_and_forward(fwd, dout), [feat, *m.parameters()])
+
+
+def _step_and_forward(fwd, dout):
+    """(forward + backward of ``dout``, forward under no_grad) of the callable ``fwd``."""
+    import torch
+
     def step():
         out = fwd()
         out.backward(dout)
@@ -153,7 +160,7 @@ def module_steps(m, x: Inputs, amp, device):
         with torch.no_grad():
             return fwd()
 
-    return step, fwd_only, [feat, *m.parameters()]
+    return step, fwd_only
 
 
 def op_steps(x: Inputs, backend, amp, check_indices=True, compact=False):
@@ -176,16 +183,7 @@ def op_steps(x: Inputs, backend, amp, check_indices=True, compact=False):
                                      mask=x.cluster_mask, blank_k=bk, blank_v=bv, scale=x.scale,
                                      backend=backend, check_indices=check_indices)
 
-    def step():
-        out = fwd()
-        out.backward(dout)
-        return out
-
-    def fwd_only():
-        with torch.no_grad():
-            return fwd()
-
-    return step, fwd_only, [q, k, v, pe, bk, bv]
+    return (*_step_and_forward(fwd, dout), [q, k, v, pe, bk, bv])
 
 
 def bias_table_step(m, x: Inputs, amp, device):
