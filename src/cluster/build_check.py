@@ -213,9 +213,21 @@ def compile_launches(launches: list, arch: int, full: bool, module=None) -> list
                             backend.get_module_map(), context)
             err = None
         except Exception as e:  # noqa: BLE001 - every failure is reported, none hidden
-            err = f"{type(e).__name__}: {e}"
+            err = error_text(e)
         results.append((name, opts, err, time.perf_counter() - t0))
     return results
+
+
+def error_text(exc: BaseException) -> str:
+    """The exception and every cause behind it, one line each: Triton's CompilationError
+    shows the source excerpt, while the compiler's own message (for example a Gluon API
+    that a release removed) is in the exception it was raised from."""
+    lines, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        lines.append(("caused by " if lines else "") + f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

@@ -128,3 +128,20 @@ def test_signature_specializes_as_the_jit():
                    "BLOCK": "constexpr"}
     assert const == {"n": 1, "BLOCK": 16}
     assert attrs == {(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
+
+
+def test_failure_text_names_the_compilers_own_error():
+    """A CompilationError's text is the source excerpt; the cause holds the message a
+    maintainer needs (e.g. a Gluon call a Triton release removed): both are reported."""
+    from cluster.build_check import error_text
+
+    try:
+        try:
+            raise RuntimeError("async_copy_global_to_shared has been removed; call async_load instead")
+        except RuntimeError as inner:
+            raise ValueError("at 12:8:\n    async_copy(...)\n    ^") from inner
+    except ValueError as outer:
+        text = error_text(outer)
+    assert text.splitlines()[0] == "ValueError: at 12:8:"
+    assert text.endswith("caused by RuntimeError: async_copy_global_to_shared has been removed; "
+                         "call async_load instead")
