@@ -76,8 +76,9 @@ def tests(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def coverage(session: nox.Session) -> None:
-    """Suite under pytest-cov; combines every shard's data in reports/coverage and enforces
-    the threshold. On K machines: `nox -s coverage -- --shard i/K` on each, copy
+    """The suite under pytest-cov, with the coverage threshold enforced.
+
+    Combines every shard's data in reports/coverage. On K machines: `nox -s coverage -- --shard i/K` on each, copy
     reports/coverage/.coverage.* together, then `nox -s coverage -- --combine-only`."""
     _install(session)
     os.makedirs("reports/coverage", exist_ok=True)
@@ -108,6 +109,7 @@ def coverage(session: nox.Session) -> None:
 
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
+    """ruff over src, tests, benchmarks and this file."""
     session.install("ruff")
     session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
 
@@ -121,17 +123,20 @@ def validate(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def build(session: nox.Session) -> None:
-    """Compile the CUDA extension for the current environment's torch (TORCH_CUDA_ARCH_LIST,
-    default 8.0;9.0) into the cache the package loads it from."""
+    """Compile the CUDA extension for the current environment's torch.
+
+    TORCH_CUDA_ARCH_LIST (default 8.0;9.0) picks the targets; the result goes to the cache
+    the package loads it from."""
     env = {"TORCH_CUDA_ARCH_LIST": os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")}
     session.run("python", "-m", "cluster.cuda_ext", "build", *session.posargs, env=env)
 
 
 @nox.session(name="build-check", python="3.11")
 def build_check(session: nox.Session) -> None:
-    """Every Triton kernel launch of the triton backend compiled to a cubin for sm_90 by the
-    declared Triton, ptxas included, no GPU needed (cluster.build_check --full): compiler
-    failures the interpreter never meets. Posargs replace those arguments."""
+    """Every Triton kernel launch compiled to an sm_90 cubin on the CPU, no GPU needed.
+
+    cluster.build_check --full with the declared Triton, ptxas included: compiler failures
+    the interpreter never meets. Posargs replace those arguments."""
     _install(session)
     session.run("python", "-m", "cluster.build_check", *(session.posargs or ["--full", "--arch", "90"]))
 
@@ -146,8 +151,10 @@ def check_compile(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def gpu(session: nox.Session) -> None:
-    """Whole suite on a GPU host, current environment (no installs: such hosts are often
-    offline): builds the extension, runs the suite, then the validation table."""
+    """The whole suite and the validation table on a GPU host, in the current environment.
+
+    Installs nothing (such hosts are often offline): builds the extension, runs the suite,
+    then the validation table."""
     session.run("python", "-m", "cluster.cuda_ext", "build", success_codes=[0, 1])
     args = list(session.posargs) or ["-n", "1"]
     session.run("python", "-m", "pytest", "-ra", *args, env={"PYTHONHASHSEED": "0"})
@@ -165,8 +172,10 @@ def bench(session: nox.Session) -> None:
 @nox.session(python="3.11")
 @nox.parametrize("torch_v,triton_v", COMPAT_MATRIX, ids=[f"torch{a}-triton{b}" for a, b in COMPAT_MATRIX])
 def compat(session: nox.Session, torch_v: str, triton_v: str) -> None:
-    """One (torch, triton) pair: install, import, suite, errors -> reports/compat/<pair>.json,
-    then the combined table reports/compat/README.md. Posargs go to pytest."""
+    """One (torch, triton) pair of the matrix: install, build, suite, validate, its report.
+
+    Writes reports/compat/<pair>.json, then the combined table reports/compat/README.md.
+    Posargs go to pytest."""
     pair = f"torch{torch_v}-triton{triton_v}"
     out = f"reports/compat/{pair}.json"
     os.makedirs("reports/compat", exist_ok=True)
