@@ -44,6 +44,10 @@ from __future__ import annotations
 # Gluon came with Triton 3.5, whose compiler crashes (segfault) on this kernel for sm_90;
 # 3.6 and 3.8 compile it. Checked on a GPU with 3.6.
 MIN_TRITON = (3, 6)
+# Gluon's API is experimental and moves between releases (3.9 removed
+# async_copy_global_to_shared): a release after this one takes the FMA group kernel
+# until this kernel has been built and run against it.
+MAX_TRITON = (3, 8)
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -53,7 +57,12 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 def available(release: tuple[int, int]) -> bool:
     """Whether the installed Triton (``release``: its (major, minor)) runs this kernel."""
-    return gluon is not None and release >= MIN_TRITON
+    return gluon is not None and MIN_TRITON <= release <= MAX_TRITON
+
+
+def untested_release(release: tuple[int, int]) -> bool:
+    """A Triton newer than every release this kernel was built against."""
+    return gluon is not None and release > MAX_TRITON
 
 
 # Longest key list: the per-program slot tables hold every chunk of the list in shared

@@ -41,6 +41,7 @@ import inspect
 import math
 import os
 import struct
+import warnings
 
 import torch
 import triton
@@ -1382,11 +1383,21 @@ _attn_fwd_gluon_kernel = (_Launch(_gluon._attn_fwd_gluon_kernel)
 def _gluon_blocks(D: int, M: int, dtype: torch.dtype,
                   pe_span: int = 0) -> tuple[int, int] | None:
     """(BLOCK_M, BLOCK_D) of the Gluon float32 forward, or None for the triton kernels:
-    not float32, the interpreter (Gluon has none), a Triton before 3.6, TUNING_GLUON
+    not float32, the interpreter (Gluon has none), a Triton outside 3.6-3.8 (a newer one
+    warns: its Gluon API is not the one this kernel was built against), TUNING_GLUON
     off, a shape outside gluon_forward.blocks, or a bias table whose farthest element
     (``pe_span`` elements from its start) int32 offsets cannot reach: the kernel keeps
     bias row offsets as int32 in shared memory."""
-    if dtype != torch.float32 or _INTERPRET or not _gluon.available(_TRITON_RELEASE):
+    if dtype != torch.float32 or _INTERPRET:
+        return None
+    if not _gluon.available(_TRITON_RELEASE):
+        if _gluon.untested_release(_TRITON_RELEASE):
+            # Python's default filter shows a RuntimeWarning once per call site.
+            warnings.warn(
+                f"cluster: Triton {triton.__version__} is newer than the Gluon API the float32 "
+                f"forward was built against (up to {'.'.join(map(str, _gluon.MAX_TRITON))}); "
+                "it runs on the FMA group kernel instead (correct, slower)",
+                RuntimeWarning, stacklevel=2)
         return None
     if not TUNING_GLUON.get("fwd", False) or pe_span >= 2**31:
         return None

@@ -59,6 +59,25 @@ def test_dispatch(monkeypatch):
     assert tk._gluon_blocks(32, 64, torch.float32) is None
 
 
+@pytest.mark.skipif(tk._gluon.gluon is None, reason="this Triton has no Gluon")
+def test_newer_triton_takes_the_fma_kernel_with_a_warning(monkeypatch):
+    """A Triton past the Gluon API the kernel was built against (3.9 removed a call it
+    uses) must never fail in a user's step: the float32 forward falls back and says so."""
+    import warnings
+
+    monkeypatch.setattr(tk, "_INTERPRET", False)
+    last = tk._gluon.MAX_TRITON
+    monkeypatch.setattr(tk, "_TRITON_RELEASE", last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tk._gluon_blocks(32, 64, torch.float32) == (32, 32)
+    monkeypatch.setattr(tk, "_TRITON_RELEASE", (last[0], last[1] + 1))
+    with pytest.warns(RuntimeWarning, match="FMA group kernel"):
+        assert tk._gluon_blocks(32, 64, torch.float32) is None
+    assert not tk._gluon.available((3, 9)) and tk._gluon.untested_release((3, 9))
+    assert tk._gluon.available((3, 6)) and tk._gluon.available((3, 8))
+
+
 class _Spy:
     """Counts launches of a kernel and passes them on."""
 
