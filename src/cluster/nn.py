@@ -222,12 +222,13 @@ class ClusterAttention(nn.Module):
         if not isinstance(pe_idx, torch.Tensor) or tuple(pe_idx.shape) != (b, n, n):
             got = tuple(pe_idx.shape) if isinstance(pe_idx, torch.Tensor) else type(pe_idx).__name__
             raise ValueError(f"pe_idx: expected shape [B, N, N] = {(b, n, n)} in global mode, got {got}")
-        if self.check_indices and pe_idx.numel() > 0:
-            # The gather below would fail with a bare index error on the CPU and a device-side
-            # assert on a GPU: check first (one sync, as the local path's op check).
-            lo, hi = torch.stack(torch.aminmax(pe_idx)).tolist()
-            if lo < 0 or hi >= pe_table.shape[0]:
-                raise self._pe_idx_error(pe_idx, pe_table.shape[0])
+        # The gather below would fail with a bare index error on the CPU and a device-side
+        # assert on a GPU: the op's own range check first (one sync), then this module's error.
+        try:
+            ops._check_ranges([ops._expect_index("pe_idx", pe_idx, pe_table.shape[0], "T",
+                                                 self.check_indices)])
+        except IndexError as exc:
+            raise self._pe_idx_error(pe_idx, pe_table.shape[0]) from exc
         bias = pe_table[pe_idx.long()].permute(0, 3, 1, 2)  # b x h x n x n
         if cluster_mask is not None:
             if tuple(cluster_mask.shape) != (b, n, n):
