@@ -319,16 +319,9 @@ def _knn_torch(queries, points, k, valid_points):
     chunk = max(1, _KNN_CHUNK_ELEMS // max(1, B * Pp))
     index = torch.arange(Pp, dtype=torch.int64, device=dev)
     slot_col = index[:S] * G  # column offset of slot s
-    qx, qy = q[..., 0, None], q[..., 1, None]  # [B, Q, 1]
-    px, py = p[:, None, :, 0], p[:, None, :, 1]  # [B, 1, Pp]
     out = torch.empty(B, Q, k, dtype=torch.int64, device=dev)
     for s in range(0, Q, chunk):
-        # _sq_dist, with the coordinate views taken once
-        d = torch.sub(qx[:, s:s + chunk], px)
-        d.mul_(d)
-        dy = torch.sub(qy[:, s:s + chunk], py)
-        d.addcmul_(dy, dy)
-        del dy
+        d = _sq_dist(q[:, s:s + chunk], p)
         if invalid is not None:
             d.masked_fill_(invalid, math.inf)
         if S:
