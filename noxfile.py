@@ -2,7 +2,8 @@
 
 Main job:   nox -s validate        every backend present vs the float64 reference, one table
 Tests:      nox -s tests-3.11      the suite (pytest-xdist), posargs go to pytest
-Others:     coverage, lint, build, build-check, check-compile, gpu, bench, compat, compat-diff
+Others:     coverage, lint, build, build-check, build-check-latest, check-compile, gpu, bench,
+            compat, compat-latest, compat-diff
 
 torch / triton versions come from ONE place: TORCH_VERSION / TRITON_VERSION below, each
 overridable by the environment variables CLUSTER_TORCH / CLUSTER_TRITON. On a host without a
@@ -17,6 +18,8 @@ import glob
 import json
 import os
 import shutil
+import tempfile
+import time
 
 import nox
 
@@ -31,16 +34,18 @@ PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 COVERAGE_FAIL_UNDER = 80
 
 # (torch, triton) pairs of the compatibility matrix; CLUSTER_COMPAT_EXTRA="2.12.0:3.5.1,..."
-# adds pairs. torch 2.14.1 is the CUDA build (5.4 GB venv) and requires triton~=3.8.0, so it
-# pairs with 3.8.0 only; the CPU build of 2.13.0 has no triton pin and takes any, including
-# triton 3.5.1 from PyPI (170 MB download), the oldest one kept in the default matrix.
-COMPAT_MATRIX = [("2.13.0", "3.5.1"), ("2.13.0", "3.6.0"), ("2.13.0", "3.8.0"), ("2.14.1", "3.8.0")]
+# adds pairs. torch 2.14.1 and 2.15.0 are CUDA builds (several GB) and pin triton ~=3.8.0 and
+# ~=3.9.0; the CPU build of 2.13.0 has no triton pin and takes any: the oldest triton the
+# extra admits (3.5.1), CI's, 3.7.1, 3.8.0 and the newest (3.9.0).
+COMPAT_MATRIX = [("2.13.0", "3.5.1"), ("2.13.0", "3.6.0"), ("2.13.0", "3.7.1"), ("2.13.0", "3.8.0"),
+                 ("2.13.0", "3.9.0"), ("2.14.1", "3.8.0"), ("2.15.0", "3.9.0")]
 COMPAT_MATRIX += [tuple(p.split(":")) for p in os.environ.get("CLUSTER_COMPAT_EXTRA", "").split(",") if p]
 
 HAS_GPU = shutil.which("nvidia-smi") is not None
 NO_VENV = HAS_GPU or os.environ.get("CLUSTER_NOX_NO_VENV") == "1"
 LOCAL_BACKEND = "none" if NO_VENV else "virtualenv"
 COMPAT_TOOL = "src/cluster/compat.py"
+CI_PAIR = f"torch{TORCH_VERSION}-triton{TRITON_VERSION}"
 
 
 def _env() -> dict:
@@ -64,6 +69,88 @@ def _pytest(session: nox.Session, *extra: str) -> None:
     if not any(a == "-n" or a.startswith("-n") or a.startswith("--numprocesses") for a in args):
         args = ["-n", os.environ.get("CLUSTER_WORKERS", "auto"), *args]
     session.run("python", "-m", "pytest", *extra, *args, env=_env())
+
+
+def _supported_triton() -> str:
+    """The Triton releases this package claims: the range of its `triton` extra."""
+    import tomllib
+
+    with open("pyproject.toml", "rb") as f:
+        extra = tomllib.load(f)["project"]["optional-dependencies"]["triton"]
+    return next(r for r in extra if r.startswith("triton"))[len("triton"):]
+
+
+def _resolve(session: nox.Session, *reqs: str, plain: bool = False) -> dict:
+    """name -> version that `pip install REQS` picks from the index now (a dry run).
+
+    plain: without this machine's pip configuration files (a constraint file may cap torch
+    below the newest release), as on a user's machine."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "resolve.json")
+        env = {"PIP_CONFIG_FILE": os.devnull} if plain else {}
+        session.run("python", "-m", "pip", "install", "--dry-run", "--quiet", "--ignore-installed",
+                    "--report", report, *reqs, env=env, silent=True)
+        with open(report) as f:
+            picked = {i["metadata"]["name"].lower(): i["metadata"]["version"]
+                      for i in json.load(f)["install"]}
+    session.log("the index resolves " + ", ".join(f"{r} -> {picked.get(r.lower(), '?')}" for r in reqs))
+    return picked
+
+
+def _pip_cap_refuses(session: nox.Session, torch_v: str) -> bool:
+    """Whether a constraint file in this machine's pip configuration refuses torch ``torch_v``
+    (some machines cap torch at the releases kept on their disk)."""
+    from packaging.requirements import Requirement
+
+    listing = session.run("python", "-m", "pip", "config", "list", silent=True) or ""
+    for line in str(listing).splitlines():
+        key, _, value = line.partition("=")
+        if key.endswith(".constraint") and os.path.exists(value.strip("'\"")):
+            with open(value.strip("'\"")) as f:
+                for req in f:
+                    req = req.split("#")[0].strip()
+                    if req and Requirement(req).name == "torch" and torch_v not in Requirement(req).specifier:
+                        return True
+    return False
+
+
+def _install_pair(session: nox.Session, torch_v: str, triton_v: str) -> float:
+    """Install the pair and the package (test extra); seconds taken.
+
+    The pair asks for that torch release, so a pip constraint of this machine that refuses
+    it is left out (pip's configuration files skipped) for this install."""
+    t0 = time.time()
+    env = {}
+    if _pip_cap_refuses(session, torch_v):
+        session.log(f"this machine's pip constraint refuses torch {torch_v}: installing it "
+                    "from the index without pip's configuration files")
+        env = {"PIP_CONFIG_FILE": os.devnull}
+    session.run("python", "-m", "pip", "install", f"torch=={torch_v}", f"triton=={triton_v}",
+                "numpy", env=env)
+    session.run("python", "-m", "pip", "install", "-e", ".[test]", env=env)
+    return time.time() - t0
+
+
+def _compat_pair(session: nox.Session, torch_v: str, triton_v: str) -> None:
+    pair = f"torch{torch_v}-triton{triton_v}"
+    out = f"reports/compat/{pair}.json"
+    os.makedirs("reports/compat", exist_ok=True)
+    ok, seconds = True, 0.0
+    try:
+        seconds = _install_pair(session, torch_v, triton_v)
+        session.log(f"{pair} installed in {seconds:.0f} s")
+    except nox.command.CommandFailed as exc:  # the table must still get this pair's row
+        ok = False
+        session.log(f"install failed: {exc}")
+    session.run("python", COMPAT_TOOL, "run", "--pair", pair, "--torch", torch_v,
+                "--triton", triton_v, "--out", out, "--install-ok", str(int(ok)),
+                "--install-seconds", f"{seconds:.0f}", "--build-full", "1",
+                *session.posargs, env=_env(), success_codes=[0, 1])
+    session.run("python", COMPAT_TOOL, "table", "reports/compat", "--base", CI_PAIR,
+                "--readme", "README.md")
+    with open(out) as f:  # the table has the row either way; the exit status tells CI
+        if not json.load(f)["ok"]:
+            session.error(f"{pair} failed: see {out} and reports/compat/README.md")
 
 
 @nox.session(python=PYTHONS)
@@ -174,30 +261,61 @@ def bench(session: nox.Session) -> None:
 def compat(session: nox.Session, torch_v: str, triton_v: str) -> None:
     """One (torch, triton) pair of the matrix: install, build, suite, validate, its report.
 
-    Writes reports/compat/<pair>.json, then the combined table reports/compat/README.md.
-    Posargs go to pytest."""
-    pair = f"torch{torch_v}-triton{triton_v}"
-    out = f"reports/compat/{pair}.json"
-    os.makedirs("reports/compat", exist_ok=True)
-    ok = True
-    try:
-        session.install(f"torch=={torch_v}", f"triton=={triton_v}", "numpy")
-        session.install("-e", ".[test]")
-    except nox.command.CommandFailed as exc:  # the table must still get this pair's row
-        ok = False
-        session.log(f"install failed: {exc}")
-    session.run("python", COMPAT_TOOL, "run", "--pair", pair, "--torch", torch_v,
-                "--triton", triton_v, "--out", out, "--install-ok", str(int(ok)),
-                *session.posargs, env=_env(), success_codes=[0, 1])
-    session.run("python", COMPAT_TOOL, "table", "reports/compat")
-    with open(out) as f:  # the table has the row either way; the exit status tells CI
-        if not json.load(f)["ok"]:
-            session.error(f"{pair} failed: see {out} and reports/compat/README.md")
+    Writes reports/compat/<pair>.json, then the table and the upgrade verdicts (CI's pair
+    against the newest pairs) in reports/compat/README.md. Posargs go to pytest."""
+    _compat_pair(session, torch_v, triton_v)
+
+
+@nox.session(name="compat-latest", python="3.11")
+def compat_latest(session: nox.Session) -> None:
+    """The pair a user gets today: the newest torch and triton, run as a pair of the matrix.
+
+    Asks the index what `pip install torch triton` resolves to on a machine without pip
+    configuration files, then installs and runs that pair exactly as `compat` does."""
+    picked = _resolve(session, "torch", "triton", plain=True)
+    _compat_pair(session, picked["torch"], picked["triton"])
+
+
+@nox.session(name="build-check-latest", python="3.11")
+def build_check_latest(session: nox.Session) -> None:
+    """build_check --full under the newest triton release, beside CI's torch.
+
+    Fails only if that release is one the package claims (the `triton` extra's range);
+    a newer one gets a notice naming it and the kernels that fail to build."""
+    from packaging.specifiers import SpecifierSet
+
+    newest = _resolve(session, "triton")["triton"]
+    claimed = SpecifierSet(_supported_triton())
+    session.install(f"torch=={TORCH_VERSION}", f"triton=={newest}", "numpy")
+    session.install("-e", ".")
+    report = os.path.join(session.create_tmp(), "build_check.json")
+    if os.path.exists(report):
+        os.remove(report)
+    session.run("python", "-m", "cluster.build_check", "--full", "--arch", "90", "--report", report,
+                success_codes=[0, 1])
+    with open(report) as f:
+        res = json.load(f)
+    bad = ", ".join(res["failing"] + res["not_reached"])
+    if newest in claimed:
+        if not res["ok"]:
+            session.error(f"triton {newest} is supported (triton{claimed}) and fails to build: {bad}")
+        session.log(f"triton {newest} (supported: triton{claimed}): every kernel builds")
+    else:
+        verdict = f"fails to build {bad}" if not res["ok"] else "builds every kernel"
+        session.warn(f"NOTICE: triton {newest} is newer than the supported range triton{claimed} "
+                     f"and {verdict}; add its compat pair and widen the range once it passes")
 
 
 @nox.session(name="compat-diff", python=False)
 def compat_diff(session: nox.Session) -> None:
-    """Compare two compat reports: `nox -s compat-diff -- old.json new.json [--drift X]`."""
+    """Compare two compat reports: `-- OLD.json NEW.json [--drift X]`; no posargs: the upgrade verdicts.
+
+    Without posargs: CI's pair against the newest torch's pair and the newest triton's,
+    written to reports/compat/upgrade-*.txt and the verdicts in reports/compat/README.md."""
+    if not session.posargs:
+        session.run("python3", COMPAT_TOOL, "table", "reports/compat", "--base", CI_PAIR,
+                "--readme", "README.md", external=True)
+        return
     if len(session.posargs) < 2:
         session.error("usage: nox -s compat-diff -- OLD.json NEW.json [--drift X]")
     session.run("python3", COMPAT_TOOL, "diff", *session.posargs, external=True)

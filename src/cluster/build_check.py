@@ -242,6 +242,9 @@ def main(argv=None) -> int:
                     help="compile these recorded launches (a list of [kernel, arguments, "
                          "options]) instead of recording")
     ap.add_argument("--save", metavar="JSON", help="also write the recorded launches here")
+    ap.add_argument("--report", metavar="JSON",
+                    help="also write the verdict here: triton, ok, failing and unreached kernels, "
+                         "kernels this Triton does not use")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -263,9 +266,18 @@ def main(argv=None) -> int:
         with open(a.save, "w") as fh:
             json.dump(launches, fh, default=str)
     every = sorted(n for n, o in vars(tk).items() if isinstance(o, tk._Launch))
-    # (_attn_fwd_gluon_kernel is None, not a _Launch, on a Triton before 3.6.)
+    # Kernels this Triton does not use are not built: the Gluon forward is None, not a
+    # _Launch, outside the releases its Gluon API was written for.
+    unused = {}
+    if tk._attn_fwd_gluon_kernel is None:
+        unused["_attn_fwd_gluon_kernel"] = (
+            f"not used under triton {triton.__version__}: the Gluon float32 forward is built "
+            f"for {'.'.join(map(str, tk._gluon.MIN_TRITON))}-{'.'.join(map(str, tk._gluon.MAX_TRITON))}; "
+            "the float32 forward takes the FMA group kernel")
+    for name, why in unused.items():
+        print(f"build_check: {name} {why}", flush=True)
     stage = "cubin" if a.full else "Triton IR (front end)"
-    failed = 0
+    failed, failing = 0, set()
     for arch in a.arch:
         print(f"build_check: {len(launches)} launches of {len(every)} kernels -> {stage}, "
               f"sm_{arch}, triton {triton.__version__}", flush=True)
@@ -274,13 +286,21 @@ def main(argv=None) -> int:
                 print(f"  ok    {secs:5.1f} s  {name} {opts}", flush=True)
             else:
                 failed += 1
+                failing.add(name)
                 print(f"  FAIL  {name} {opts}\n{err}", flush=True)
     missing = sorted(set(every) - {name for name, _v, _o in launches})
     for name in missing:
         print(f"  NOT REACHED  {name}: no recorded launch builds it", flush=True)
     print(f"build_check: {failed} failed, {len(missing)} kernels not reached "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    return 1 if failed or missing else 0
+    ok = not failed and not missing
+    if a.report:
+        with open(a.report, "w") as fh:
+            json.dump({"triton": triton.__version__, "ok": ok, "stage": stage,
+                       "arch": a.arch, "launches": len(launches), "failed": failed,
+                       "failing": sorted(failing), "not_reached": missing, "unused": unused,
+                       "seconds": round(time.perf_counter() - t0, 1)}, fh, indent=1)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

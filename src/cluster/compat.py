@@ -4,9 +4,10 @@ Run as a script path (``python src/cluster/compat.py ...``), not as ``-m cluster
 the `table` and `diff` commands, and `run` for a pair whose install failed, must work with
 an interpreter that has no torch, so this file imports nothing of the package at the top.
 
-    run   --pair P --torch X --triton Y --out F.json [--install-ok 0|1] [--build-arch '90 80']
-          [pytest args]
-    table DIR                       -> DIR/README.md from every DIR/*.json
+    run   --pair P --torch X --triton Y --out F.json [--install-ok 0|1] [--install-seconds S]
+          [--build-arch '90 80'] [--build-full 0|1] [pytest args]
+    table DIR [--base PAIR]         -> DIR/README.md from every DIR/*.json; with a base pair
+                                       also the upgrade verdicts, DIR/upgrade-{torch,triton}.txt
     diff  OLD.json NEW.json [--drift 0.5]    exit 1 if NEW regressed
 """
 
@@ -68,13 +69,13 @@ print(json.dumps(info))
 """
 
 
-def _build_check(arches: list[str]) -> dict:
+def _build_check(arches: list[str], full: bool = False) -> dict:
     """Every Triton kernel launch compiled for the CUDA ``arches`` by this pair's Triton,
     through ``cluster.build_check`` (no GPU needed). The suite's CPU run goes through the
     interpreter, which compiles nothing, so a Triton release whose compiler rejects a
     kernel would otherwise pass here."""
-    cp = subprocess.run([sys.executable, "-m", "cluster.build_check", "--arch", *arches],
-                        capture_output=True, text=True)
+    cp = subprocess.run([sys.executable, "-m", "cluster.build_check", "--arch", *arches,
+                         *(["--full"] if full else [])], capture_output=True, text=True)
     out = (cp.stdout + cp.stderr).splitlines()
     failing = set()
     for line in out:
@@ -85,7 +86,9 @@ def _build_check(arches: list[str]) -> dict:
             failing.add(words[2].rstrip(":"))
     summary = next((line for line in reversed(out) if line.startswith("build_check:")), "")
     res = {"ok": cp.returncode == 0, "arch": list(arches), "summary": summary,
-           "failing": sorted(failing)}
+           "failing": sorted(failing), "stage": "cubin" if full else "front end",
+           "notes": [line[len("build_check: "):] for line in out
+                     if line.startswith("build_check: _")]}
     if cp.returncode != 0:
         res["tail"] = "\n".join(out[-15:])[-1500:]
     return res
@@ -100,7 +103,8 @@ def _case_key(c: dict) -> str:
 def cmd_run(a, pytest_args) -> int:
     t0 = time.time()
     rep = {"pair": a.pair, "torch_requested": a.torch, "triton_requested": a.triton,
-           "install_ok": bool(a.install_ok), "import_ok": False, "extension": "not checked",
+           "install_ok": bool(a.install_ok), "install_seconds": a.install_seconds,
+           "import_ok": False, "extension": "not checked",
            "tests": None, "errors": {}, "python": sys.version.split()[0], "commit": _commit()}
     if a.install_ok:
         probe = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True)
@@ -121,7 +125,7 @@ def cmd_run(a, pytest_args) -> int:
     rep["build"] = None
     arches = [x for x in a.build_arch.replace(",", " ").split() if x != "none"]
     if rep["import_ok"] and arches:
-        rep["build"] = _build_check(arches)
+        rep["build"] = _build_check(arches, bool(a.build_full))
     if rep["import_ok"]:
         with tempfile.TemporaryDirectory() as tmp:
             xml = os.path.join(tmp, "junit.xml")
@@ -173,11 +177,55 @@ def _build_cell(build: dict | None) -> str:
     return f"**no** ({arch}: {names or 'see JSON'})"
 
 
-def cmd_table(d: str) -> int:
-    rows = []
+def _version(v: str) -> tuple:
+    """'2.15.0' or '2.13.0+cpu' -> (2, 15, 0), for ordering releases."""
+    return tuple(int(x) for x in v.split("+")[0].split(".") if x.isdigit())
+
+
+def _reports(d: str) -> dict:
+    reps = {}
     for p in sorted(glob.glob(os.path.join(d, "*.json"))):
         with open(p) as f:
             r = json.load(f)
+        reps[r["pair"]] = r
+    return reps
+
+
+def upgrades(reps: dict, base: str) -> dict:
+    """{"torch": pair, "triton": pair}: the upgrades a maintainer on ``base`` weighs. The
+    newest torch (with the newest triton it was run with), and the newest triton beside
+    base's torch (or beside any torch, if base's torch was never run with it)."""
+    if base not in reps:
+        return {}
+    order = sorted(reps.values(), key=lambda r: (_version(r["torch_requested"]),
+                                                  _version(r["triton_requested"])))
+    out = {"torch": order[-1]["pair"]}
+    newest_triton = max(_version(r["triton_requested"]) for r in order)
+    same_torch = [r for r in order if r["torch_requested"] == reps[base]["torch_requested"]
+                  and _version(r["triton_requested"]) == newest_triton]
+    out["triton"] = (same_torch or [max(order, key=lambda r: _version(r["triton_requested"]))])[-1]["pair"]
+    return out
+
+
+README_BEGIN, README_END = "<!-- compat-verdicts: written by compat.py table -->", "<!-- /compat-verdicts -->"
+
+
+def _write_readme_block(readme: str, block: list[str]) -> None:
+    """Replace the text between README_BEGIN and README_END in ``readme`` with ``block``."""
+    with open(readme) as f:
+        text = f.read()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no {README_BEGIN} ... {README_END} block")
+    head, rest = text.split(README_BEGIN, 1)
+    _old, tail = rest.split(README_END, 1)
+    with open(readme, "w") as f:
+        f.write(head + README_BEGIN + "\n" + "\n".join(block) + "\n" + README_END + tail)
+
+
+def cmd_table(d: str, base: str | None = None, readme: str | None = None) -> int:
+    rows = []
+    reps = _reports(d)
+    for r in reps.values():
         t = r.get("tests") or {}
         # float16/bfloat16 errors are judged against the reference's own error, not a bound,
         # so the glanceable column is float32's.
@@ -188,7 +236,7 @@ def cmd_table(d: str) -> int:
             f"{r.get('extension', '-')[:60]} | {_build_cell(r.get('build'))} | "
             f"{t.get('passed', '-')} / {t.get('failed', '-')} / "
             f"{t.get('skipped', '-')} | {r.get('validate_verdict', '-')} | {worst:.1e} | {r['seconds']:.0f} s | "
-            f"{'PASS' if r.get('ok') else '**FAIL**'} |")
+            f"{_install_time(r)} | {r.get('commit', '-')} | {'PASS' if r.get('ok') else '**FAIL**'} |")
     md = ["# torch x triton compatibility", "",
           "Written by `nox -s compat` (one row per pair; JSON beside this file). Tests: "
           "passed / failed / skipped. Kernels build: every Triton kernel launch compiled "
@@ -197,10 +245,30 @@ def cmd_table(d: str) -> int:
           "Validate: verdict of `cluster.validate` on the suite "
           "configurations. Worst fp32 error: largest max-abs error (output or any gradient) of "
           "any float32 backend x configuration against the float64 reference; every error, "
-          "float16/bfloat16 included, is in the JSON.", "",
+          "float16/bfloat16 included, is in the JSON. Time: the checks; install: pip's time "
+          "for the pair (downloads included). Commit: the tree the row was run on.", "",
           "| pair | torch | triton | installs | imports | CUDA extension | kernels build | tests "
-          "| validate | worst fp32 error | time | verdict |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+          "| validate | worst fp32 error | time | install | commit | verdict |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+    ups = upgrades(reps, base) if base else {}
+    if ups:
+        md += ["## Upgrade verdicts", "",
+               f"From CI's pair `{base}` (`nox -s compat-diff`; the whole diff beside this file):", "",
+               "| upgrade | to | verdict | diff |", "|---|---|---|---|"]
+        block = ["| upgrade from CI's pair | to | verdict |", "|---|---|---|"]
+        for what, pair in ups.items():
+            lines, bad = diff_lines(reps[base], reps[pair])
+            name = f"upgrade-{what}.txt"
+            with open(os.path.join(d, name), "w") as f:
+                f.write("\n".join(lines) + "\n")
+            stale = reps[base].get("commit") != reps[pair].get("commit")
+            md.append(f"| newest {what} | {pair} | {'**REGRESSION**' if bad else 'OK to upgrade'}"
+                      f"{' (rows from different commits)' if stale else ''} | [{name}]({name}) |")
+            block.append(f"| newest {what} | {pair} | {'REGRESSION' if bad else 'OK to upgrade'}"
+                         f"{' (rows from different commits)' if stale else ''} |")
+        md.append("")
+        if readme:
+            _write_readme_block(readme, block)
     with open(os.path.join(d, "README.md"), "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))
@@ -210,11 +278,23 @@ def cmd_table(d: str) -> int:
 DRIFT_FLOOR = 1e-7  # error changes below this are float32 rounding noise whatever the ratio
 
 
+def _install_time(r: dict) -> str:
+    s = r.get("install_seconds")
+    return "-" if s is None else f"{s:.0f} s"
+
+
 def cmd_diff(old_p: str, new_p: str, drift: float = 0.5) -> int:
     with open(old_p) as f:
         old = json.load(f)
     with open(new_p) as f:
         new = json.load(f)
+    lines, bad = diff_lines(old, new, drift)
+    print("\n".join(lines))
+    return 1 if bad else 0
+
+
+def diff_lines(old: dict, new: dict, drift: float = 0.5) -> tuple[list[str], bool]:
+    """The diff of two pair reports, line by line, and whether NEW regressed."""
     lines, bad = [f"compat diff: {old['pair']} -> {new['pair']}"], False
     for key in ("install_ok", "import_ok"):
         if old.get(key) and not new.get(key):
@@ -259,8 +339,7 @@ def cmd_diff(old_p: str, new_p: str, drift: float = 0.5) -> int:
     lines.append(f"tests passed/failed/skipped: {ot.get('passed')}/{ot.get('failed')}/{ot.get('skipped')}"
                  f" -> {nt.get('passed')}/{nt.get('failed')}/{nt.get('skipped')}")
     lines.append(f"VERDICT: {'REGRESSION' if bad else 'OK to upgrade'}")
-    print("\n".join(lines))
-    return 1 if bad else 0
+    return lines, bad
 
 
 def main(argv=None) -> int:
@@ -272,6 +351,10 @@ def main(argv=None) -> int:
     r.add_argument("--triton", required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--install-ok", type=int, default=1)
+    r.add_argument("--install-seconds", type=float, default=None,
+                   help="how long the pair's install took, for the table")
+    r.add_argument("--build-full", type=int, default=0,
+                   help="1: build_check goes on to cubins (ptxas), 0: the front end only")
     r.add_argument("--build-arch", default="90",
                    help="CUDA arches (e.g. '90 80') to compile the Triton kernels for with "
                         "cluster.build_check; 'none' skips it (default %(default)s)")
@@ -279,6 +362,8 @@ def main(argv=None) -> int:
                    help="compile csrc/ with nvcc: 1, 0, or auto (when torch is a CUDA build and nvcc exists)")
     t = sub.add_parser("table")
     t.add_argument("dir")
+    t.add_argument("--base", help="the pair upgrades start from (CI's), for the upgrade verdicts")
+    t.add_argument("--readme", help="also write the verdicts into this file's compat-verdicts block")
     d = sub.add_parser("diff")
     d.add_argument("old")
     d.add_argument("new")
@@ -290,7 +375,7 @@ def main(argv=None) -> int:
     if rest:
         p.error(f"unexpected arguments {rest}")
     if args.cmd == "table":
-        return cmd_table(args.dir)
+        return cmd_table(args.dir, args.base, args.readme)
     return cmd_diff(args.old, args.new, args.drift)
 
 

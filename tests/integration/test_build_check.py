@@ -53,10 +53,19 @@ def test_every_kernel_builds_for_sm90(tmp_path):
     path = tmp_path / "launches.json"
     path.write_text(json.dumps(launches, default=str))
     p = subprocess.run([sys.executable, "-m", "cluster.build_check", "--launches", str(path),
-                        "--arch", "90"], env=_env(), capture_output=True, text=True, timeout=900)
+                        "--arch", "90", "--report", str(tmp_path / "report.json")],
+                       env=_env(), capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     assert "build_check: 0 failed, 0 kernels not reached" in p.stdout
     assert "_backward_tail_kernel" in p.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] and report["failing"] == [] and report["not_reached"] == []
+    assert report["triton"] == triton.__version__ and report["launches"] == len(launches)
+    # Which float32 forward this Triton builds: the Gluon one, or (a release outside the
+    # Gluon API it was written for) the FMA group kernel, reported as such.
+    gluon_used = tk._gluon.available(tk._TRITON_RELEASE)
+    assert ("_attn_fwd_gluon_kernel" in every) == gluon_used
+    assert ("_attn_fwd_gluon_kernel" in report["unused"]) == (not gluon_used)
 
 
 def test_build_check_reports_what_the_compiler_rejects(tmp_path):

@@ -111,3 +111,39 @@ def test_build_check_output_is_parsed(monkeypatch):
     assert seen[0][1:] == ["-m", "cluster.build_check", "--arch", "90", "80"]
     assert res["ok"] is False and res["failing"] == ["_b_kernel", "_c_kernel"]
     assert res["summary"].startswith("build_check: 1 failed") and "CompilationError" in res["tail"]
+
+
+def _pair(torch_v, triton_v, **kw):
+    rep = _report(f"torch{torch_v}-triton{triton_v}", **kw)
+    rep.update(torch_requested=torch_v, triton_requested=triton_v, commit="abc")
+    return rep
+
+
+def test_upgrade_verdicts_pick_the_newest_torch_and_the_newest_triton(tmp_path):
+    # Version order, not string order: 2.15 after 2.9, 3.10 after 3.9.
+    for t, tr in [("2.13.0", "3.6.0"), ("2.13.0", "3.10.0"), ("2.9.1", "3.5.1"),
+                  ("2.15.0", "3.9.0")]:
+        _write(tmp_path, f"{t}-{tr}", _pair(t, tr, failing=["t::x"] if tr == "3.10.0" else ()))
+    ups = compat.upgrades(compat._reports(str(tmp_path)), "torch2.13.0-triton3.6.0")
+    assert ups == {"torch": "torch2.15.0-triton3.9.0", "triton": "torch2.13.0-triton3.10.0"}
+    compat.cmd_table(str(tmp_path), "torch2.13.0-triton3.6.0")
+    md = (tmp_path / "README.md").read_text()
+    assert "| newest torch | torch2.15.0-triton3.9.0 | OK to upgrade |" in md
+    assert "| newest triton | torch2.13.0-triton3.10.0 | **REGRESSION** |" in md
+    assert "NEWLY FAILING: t::x" in (tmp_path / "upgrade-triton.txt").read_text()
+    assert "VERDICT: OK to upgrade" in (tmp_path / "upgrade-torch.txt").read_text()
+
+
+def test_readme_states_the_committed_upgrade_verdicts():
+    # The README's compat section quotes reports/compat's verdicts; a re-run that changes
+    # them must change the README too.
+    import os
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    reps = compat._reports(os.path.join(root, "reports", "compat"))
+    readme = open(os.path.join(root, "README.md")).read()
+    base = "torch2.13.0-triton3.6.0"
+    for what, pair in compat.upgrades(reps, base).items():
+        _lines, bad = compat.diff_lines(reps[base], reps[pair])
+        verdict = "REGRESSION" if bad else "OK to upgrade"
+        assert f"| newest {what} | {pair} | {verdict}" in readme, (what, pair, verdict)
