@@ -57,9 +57,9 @@ def _commit() -> str:
 # Run by the pair's own interpreter: versions, the CUDA extension's status and nvcc, at once.
 _PROBE = """
 import json, torch, triton
-from cluster import cuda_ext, ops
+from cluster import cuda_build, ops
 info = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "nvcc": cuda_ext.find_nvcc()}
+        "nvcc": cuda_build.find_nvcc()}
 try:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info["extension"] = ops.backend_unavailable_reason("cuda", dev, torch.float32) or "available"

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from cluster import cuda_ext, ops, reference
+from cluster import cuda_build, cuda_ext, ops, reference
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 DT_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
@@ -192,7 +192,7 @@ def test_import_does_not_build(tmp_path):
     code = ("import torch, cluster.cuda_ext as m;"
             "r = m.unavailable_reason(torch.device('cpu'), torch.float32);"
             "assert isinstance(r, str) and r, r;"
-            "assert not m._State.tried;"
+            "assert not m.cuda_build._State.tried;"
             "print('OK')")
     env = dict(os.environ, CLUSTER_EXT_DIR=str(tmp_path / "ext"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -238,19 +238,19 @@ def test_backend_functions_raise_without_gpu():
 
 
 def test_sources_and_build_dir(monkeypatch, tmp_path):
-    assert cuda_ext.csrc_dir() is not None
-    assert sorted(p.name for p in cuda_ext.sources()) == ["cluster_kernels.cu", "cluster_ops.cpp"]
+    assert cuda_build.csrc_dir() is not None
+    assert sorted(p.name for p in cuda_build.sources()) == ["cluster_kernels.cu", "cluster_ops.cpp"]
     monkeypatch.setenv("CLUSTER_EXT_DIR", str(tmp_path / "x"))
-    assert cuda_ext.build_dir() == tmp_path / "x"
+    assert cuda_build.build_dir() == tmp_path / "x"
     monkeypatch.delenv("CLUSTER_EXT_DIR")
-    assert torch.__version__ in str(cuda_ext.build_dir())
+    assert torch.__version__ in str(cuda_build.build_dir())
 
 
 def test_arch_list(monkeypatch):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5")
-    assert cuda_ext._arch_list() == "7.5"
+    assert cuda_build._arch_list() == "7.5"
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
-    assert cuda_ext._arch_list().startswith(cuda_ext.DEFAULT_ARCH_LIST)
+    assert cuda_build._arch_list().startswith(cuda_build.DEFAULT_ARCH_LIST)
 
 
 @pytest.mark.parametrize("spec, expected", [
@@ -260,25 +260,25 @@ def test_arch_list(monkeypatch):
     ("sm_90a", ["-gencode=arch=compute_90a,code=sm_90a"]),
 ])
 def test_gencode_flags(spec, expected):
-    assert cuda_ext._gencode_flags(spec) == expected
+    assert cuda_build._gencode_flags(spec) == expected
 
 
 @pytest.mark.parametrize("spec", ["", "ninety", "9.x"])
 def test_gencode_flags_refuse_nonsense(spec):
     with pytest.raises(ValueError, match="--arch"):
-        cuda_ext._gencode_flags(spec)
+        cuda_build._gencode_flags(spec)
 
 
 def test_check_compile_needs_cuda_torch(capsys):
     if torch.version.cuda is not None:
         pytest.skip("this torch is a CUDA build; check-compile would really compile")
-    assert cuda_ext.main(["check-compile", "--arch", "90"]) == 2
+    assert cuda_build.main(["check-compile", "--arch", "90"]) == 2
     assert "CUDA build of torch" in capsys.readouterr().err
 
 
 def test_compile_commands(monkeypatch, tmp_path):
-    monkeypatch.setattr(cuda_ext, "find_nvcc", lambda: "/opt/cuda/bin/nvcc")
-    cmds = dict((src.name, cmd) for src, cmd in cuda_ext.compile_commands("8.0;9.0", tmp_path))
+    monkeypatch.setattr(cuda_build, "find_nvcc", lambda: "/opt/cuda/bin/nvcc")
+    cmds = dict((src.name, cmd) for src, cmd in cuda_build.compile_commands("8.0;9.0", tmp_path))
     cu, cpp = cmds["cluster_kernels.cu"], cmds["cluster_ops.cpp"]
     assert cu[0] == "/opt/cuda/bin/nvcc" and "-c" in cu and "-c" in cpp
     assert "-gencode=arch=compute_80,code=sm_80" in cu and "-gencode=arch=compute_90,code=sm_90" in cu
@@ -291,14 +291,14 @@ def test_compile_commands(monkeypatch, tmp_path):
 
 def test_check_compile_reports_each_file(monkeypatch, capsys):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(cuda_ext, "find_nvcc", lambda: "/opt/cuda/bin/nvcc")
+    monkeypatch.setattr(cuda_build, "find_nvcc", lambda: "/opt/cuda/bin/nvcc")
 
     def fake_run(cmd, **kwargs):
         bad = cmd[2].endswith(".cu")
         return subprocess.CompletedProcess(cmd, int(bad), "", "kernel.cu(1): error: nope" if bad else "")
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    assert cuda_ext.main(["check-compile", "--arch", "90", "--jobs", "2"]) == 1
+    assert cuda_build.main(["check-compile", "--arch", "90", "--jobs", "2"]) == 1
     out, err = capsys.readouterr()
     assert "ok" in out and "FAILED" in out and "1/2 compiled" in out
     assert "error: nope" in err
@@ -307,7 +307,7 @@ def test_check_compile_reports_each_file(monkeypatch, capsys):
 def test_build_command_reports_reason(capsys):
     if gpu_reason() is None:
         pytest.skip("a GPU is present: `build` would build")
-    assert cuda_ext.main(["build"]) == 1
+    assert cuda_build.main(["build"]) == 1
     assert "unavailable" in capsys.readouterr().err
 
 
@@ -315,9 +315,9 @@ def test_build_command_reports_reason(capsys):
 def pretend_gpu(monkeypatch, tmp_path):
     """cuda_ext's loader as on a GPU host without a usable build, on any machine."""
     monkeypatch.setenv("CLUSTER_EXT_DIR", str(tmp_path / "ext"))
-    monkeypatch.setattr(cuda_ext, "_environment_reason", lambda: None)
-    monkeypatch.setattr(cuda_ext, "_ops_defined", lambda: False)
-    monkeypatch.setattr(cuda_ext, "find_nvcc", lambda: "/opt/cuda/bin/nvcc")
+    monkeypatch.setattr(cuda_build, "_environment_reason", lambda: None)
+    monkeypatch.setattr(cuda_build, "_ops_defined", lambda: False)
+    monkeypatch.setattr(cuda_build, "find_nvcc", lambda: "/opt/cuda/bin/nvcc")
     from torch.utils import cpp_extension
 
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
@@ -328,8 +328,8 @@ def test_build_failure_names_its_log(pretend_gpu, monkeypatch):
     def fail(verbose):
         raise RuntimeError("Error building extension: nvcc said no")
 
-    monkeypatch.setattr(cuda_ext, "_jit_build", fail)
-    why = cuda_ext._try_load(False)
+    monkeypatch.setattr(cuda_build, "_jit_build", fail)
+    why = cuda_build._try_load(False)
     log = pretend_gpu / "build.log"
     assert why == f"build failed, see {log}"
     assert "nvcc said no" in log.read_text()
@@ -339,24 +339,24 @@ def test_missing_nvcc_and_ninja_are_reported(pretend_gpu, monkeypatch):
     from torch.utils import cpp_extension
 
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
-    assert "ninja not found" in cuda_ext._try_load(False)
-    monkeypatch.setattr(cuda_ext, "find_nvcc", lambda: None)
-    assert "nvcc not found" in cuda_ext._try_load(False)
+    assert "ninja not found" in cuda_build._try_load(False)
+    monkeypatch.setattr(cuda_build, "find_nvcc", lambda: None)
+    assert "nvcc not found" in cuda_build._try_load(False)
 
 
 def test_cached_build_is_used_without_nvcc(pretend_gpu, monkeypatch):
     pretend_gpu.mkdir(parents=True)
-    lib = pretend_gpu / f"{cuda_ext.EXT_NAME}.so"
+    lib = pretend_gpu / f"{cuda_build.EXT_NAME}.so"
     lib.write_bytes(b"")
     loaded = []
-    monkeypatch.setattr(cuda_ext, "find_nvcc", lambda: None)
+    monkeypatch.setattr(cuda_build, "find_nvcc", lambda: None)
     monkeypatch.setattr(torch.ops, "load_library", loaded.append)
-    assert cuda_ext._try_load(False) is None
+    assert cuda_build._try_load(False) is None
     assert loaded == [str(lib)]
 
 
 def _cpp_schemas() -> dict[str, str]:
-    text = (cuda_ext.csrc_dir() / "cluster_ops.cpp").read_text()
+    text = (cuda_build.csrc_dir() / "cluster_ops.cpp").read_text()
     found = {}
     for call in re.findall(r"m\.def\(((?:\s*\"[^\"]*\")+)\s*\)", text):
         schema = "".join(re.findall(r"\"([^\"]*)\"", call))
@@ -649,6 +649,6 @@ def test_large_head_dim_limit_is_enforced(cuda):
 
 
 def test_build_cli_self_test(cuda, capsys):
-    assert cuda_ext.main(["build"]) == 0
+    assert cuda_build.main(["build"]) == 0
     out = capsys.readouterr().out
     assert "self test" in out and "(ok)" in out
