@@ -30,7 +30,7 @@ replica count for each T (``_dpe_replicas``: the fast backward's atomics spread 
 
 Writes ``<out>/module-step-<device>-<date>[-tag].json`` and ``.txt`` (readable summary).
 
-    python benchmarks/module_step.py --out benchmarks/results            # GPU, ~2-4 min
+    python benchmarks/module_step.py --out benchmarks/results/experiments          # GPU, ~2-4 min
     python benchmarks/module_step.py --device cpu --smoke --out /tmp/ms   # CPU, tiny shape
 
 ``--smoke`` runs a tiny shape (B=1, N=68, C=16, H=2, M=16; R=3 and 7 unless given) with a
@@ -403,16 +403,16 @@ def run(opt) -> tuple[dict, int]:
     meta["backends"], meta["skipped"] = backends, skipped
     notes = {"tables": {}}
     try:
-        from cluster import triton_kernels as tk
+        from cluster.triton_kernels.backward_tail import _dpe_replicas
 
         for R in widths:
             T = (2 * R + 1) ** 2
             notes["tables"][R] = {
                 "T": T, "pre_table_mib": round(T * 5 * 4 / 2**20, 2),
                 "pe_table_mib_fp32": round(T * H * 4 / 2**20, 2),
-                "dpe_replicas_fast_fp32": tk._dpe_replicas(T, H, torch.float32),
-                "dpe_replicas_det_int64": tk._dpe_replicas(T, H, torch.int64),
-                "dpe_replica_mib_fast_fp32": round(tk._dpe_replicas(T, H, torch.float32) * T * H * 4 / 2**20, 2),
+                "dpe_replicas_fast_fp32": _dpe_replicas(T, H, torch.float32),
+                "dpe_replicas_det_int64": _dpe_replicas(T, H, torch.int64),
+                "dpe_replica_mib_fast_fp32": round(_dpe_replicas(T, H, torch.float32) * T * H * 4 / 2**20, 2),
             }
     except Exception as exc:
         notes["tables_error"] = f"{type(exc).__name__}: {exc}"
@@ -608,7 +608,7 @@ def parse_args(argv=None):
     p.add_argument("--cpu-reps", type=int, default=None, help="timed calls per case on the CPU (3; --smoke 1)")
     p.add_argument("--profile-steps", type=int, default=None,
                    help=f"steps per profiler trace ({PROFILE_STEPS}; --smoke 1)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "experiments"))
     p.add_argument("--tag", default="")
     opt = p.parse_args(argv)
     if opt.rel_pos_widths is None:

@@ -1,19 +1,21 @@
-"""Tile and warp sweep of the triton attention kernels (cluster.triton_kernels.TUNING).
+"""Tile and warp sweep of the triton attention kernels (cluster.triton_kernels.tuning.TUNING).
 
 Coordinate search per kernel and value width on AFF-built inputs: first num_warps, then rows
 per program, then the gather-tile budget, each step keeping the best so far; the other two
 kernels keep their current entries. The forward is timed alone, the backward kernels by
 forward + backward (fast mode). Times are medians of triton.testing.do_bench.
 
-    python benchmarks/tune.py [--shape affmae_stage1] [--out benchmarks/results]
+    python benchmarks/tune.py [--shape affmae_stage1] [--out benchmarks/results/experiments]
 
 Writes tune-<device>-<date>.json and .md with every configuration tried and the best entry
-per kernel; copy the winners into TUNING by hand (a benchmark, not a self-modifying module).
+per kernel; copy the winners into TUNING by hand (a benchmark, not a self-modifying module)
+and their figures into benchmarks/TUNING.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import sys
@@ -43,13 +45,13 @@ def timer(x, mode):
     return triton.testing.do_bench(run, warmup=25, rep=150, return_mode="median")
 
 
-def try_cfg(tk, x, kind, width, dtype, mode, cfg, seen, rows_out) -> float:
+def try_cfg(tuning, x, kind, width, dtype, mode, cfg, seen, rows_out) -> float:
     """Time one TUNING entry (cached in ``seen``); a failing config counts as infinitely slow."""
     if cfg in seen:
         return seen[cfg]
-    tk.TUNING[kind, width] = cfg
     try:
-        ms = timer(x, mode)
+        with tuning.override(TUNING={(kind, width): cfg}):
+            ms = timer(x, mode)
     except Exception as exc:  # e.g. out of shared memory or registers
         print(f"  {kind} {dtype} {cfg}: failed ({type(exc).__name__})", flush=True)
         ms = float("inf")
@@ -62,35 +64,38 @@ def try_cfg(tk, x, kind, width, dtype, mode, cfg, seen, rows_out) -> float:
 
 
 def main(argv=None) -> int:
-    from cluster import triton_kernels as tk
+    from cluster.triton_kernels import tuning
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="affmae_stage1", choices=list(bench.SHAPES))
     p.add_argument("--kinds", default="fwd,bwd_q,bwd_kv")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="benchmarks/results/experiments")
     p.add_argument("--tag", default="", help="appended to the result file names, so runs of one day do not overwrite")
     opt = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA GPU")
     dev = torch.device("cuda")
     base = bench.build_inputs(bench.SHAPES[opt.shape], dev)
-    start = dict(tk.TUNING)
+    start = dict(tuning.TUNING)
     rows_out, best = [], {}
-    for width, dtype in DTYPES.items():
-        x = base.cast(dtype, True)
-        for kind in opt.kinds.split(","):
-            mode = "fwd" if kind == "fwd" else "fwd+bwd"
-            cur = start[kind, width]
-            seen: dict[tuple, float] = {}
+    # Each kernel's best entry stays in force while the later kernels are searched.
+    with contextlib.ExitStack() as kept:
+        for width, dtype in DTYPES.items():
+            x = base.cast(dtype, True)
+            for kind in opt.kinds.split(","):
+                mode = "fwd" if kind == "fwd" else "fwd+bwd"
+                cur = start[kind, width]
+                seen: dict[tuple, float] = {}
 
-            for axis, values in ((3, WARPS), (0, ROWS), (2, BUDGETS)):
-                for val in values:
-                    cfg = list(cur)
-                    cfg[axis] = val
-                    try_cfg(tk, x, kind, width, dtype, mode, tuple(cfg), seen, rows_out)
-                cur = min(seen, key=seen.get)
-            tk.TUNING[kind, width] = cur
-            best[f"{kind}/{width}"] = {"cfg": cur, "ms": seen[cur], "start_ms": seen.get(start[kind, width])}
+                for axis, values in ((3, WARPS), (0, ROWS), (2, BUDGETS)):
+                    for val in values:
+                        cfg = list(cur)
+                        cfg[axis] = val
+                        try_cfg(tuning, x, kind, width, dtype, mode, tuple(cfg), seen, rows_out)
+                    cur = min(seen, key=seen.get)
+                kept.enter_context(tuning.override(TUNING={(kind, width): cur}))
+                best[f"{kind}/{width}"] = {"cfg": cur, "ms": seen[cur],
+                                           "start_ms": seen.get(start[kind, width])}
     stem = f"tune-{bench.device_slug(torch.cuda.get_device_name(dev))}-{datetime.date.today().isoformat()}"
     stem += f"-{opt.tag}" if opt.tag else ""
     out = Path(opt.out)

@@ -16,7 +16,8 @@ import torch
 
 # Without a GPU the Triton kernels run on the CPU interpreter, which triton reads when the
 # kernels are decorated: set it before anything imports cluster.triton_kernels, so plain
-# `pytest` behaves like the nox sessions whichever test file is imported first.
+# `pytest` behaves like the nox sessions whichever test file is imported first (the triton
+# test modules' shared preamble is tests/_triton.py).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -83,15 +84,16 @@ def skip_slow_on_cpu(device, backend: str, cfg, lists: str) -> None:
 
 
 @pytest.fixture
-def group_kernels_on(monkeypatch):
+def group_kernels_on():
     """Every group kernel of the triton backend on, in every dtype: TUNING_GROUP has the
     backward ones off for float32 (and float64, which uses the float32 entries), and in the
     interpreter the forward too (its FMA path, TUNING_GROUP_FMA, is the GPU's float32
     default), so the tests of those kernels switch them on here."""
-    from cluster import triton_kernels as tk
+    from cluster.triton_kernels import tuning
 
-    for key, warps in list(tk.TUNING_GROUP.items()):
-        monkeypatch.setitem(tk.TUNING_GROUP, key, warps or 2)
+    with tuning.override(TUNING_GROUP={key: warps or 2
+                                       for key, warps in tuning.TUNING_GROUP.items()}):
+        yield
 
 
 @pytest.fixture

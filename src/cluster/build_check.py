@@ -62,6 +62,7 @@ def record() -> list:
 
     from cluster import testing
     from cluster import triton_kernels as tk
+    from cluster.triton_kernels import forward, launch, tuning
 
     launches: dict[str, list] = {}
 
@@ -84,39 +85,48 @@ def record() -> list:
         key = json.dumps([fn.__name__, key_values, opts], sort_keys=True, default=str)
         launches.setdefault(key, [fn.__name__, values, opts])
 
-    saved = (tk._Launch.run, tk._INTERPRET, dict(tk.TUNING_GROUP), dict(tk.TUNING_GLUON))
-    tk._Launch.run = run
-    tk._INTERPRET = False  # block sizes, FTZ, dot flags and kernel choices of a GPU
-    tk.TUNING_GLUON["fwd"] = False
+    # The launcher records instead of launching, and the host code decides as on a GPU (block
+    # sizes, FTZ, dot flags, kernel choices): the package's two switches, restored below.
+    saved = (launch._Launch.run, launch._INTERPRET)
+    launch._Launch.run = run
+    launch._INTERPRET = False
+    group_on = {key: warps or 2 for key, warps in tuning.TUNING_GROUP.items()}
     try:
-        for group_on in (False, True):
-            for key, warps in saved[2].items():
-                tk.TUNING_GROUP[key] = (warps or 2) if group_on else warps
-            for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-                for flags in (dict(pe=True, mask=True, blank=True),
-                              dict(pe=False, mask=False, blank=False)):
-                    for deterministic in (False, True):
-                        _attention_step(tk, testing, dtype, flags, deterministic)
-        if tk._attn_fwd_gluon_kernel is not None:
-            # The Gluon float32 forward (the passes above record the triton kernels).
-            tk.TUNING_GLUON["fwd"] = True
-            for flags in (dict(pe=True, mask=True, blank=True),
-                          dict(pe=False, mask=False, blank=False)):
-                _attention_step(tk, testing, torch.float32, flags, False)
-            # One head: H, heads per program and head groups all 1 (see gluon_forward).
-            _attention_step(tk, testing, torch.float32, dict(pe=True, mask=False, blank=True),
-                            False, heads=1)
-        g = torch.Generator().manual_seed(0)
-        for dtype in (torch.float32, torch.bfloat16, torch.float64):
-            w = torch.randn(1, 24, 16, 3, generator=g).to(dtype).requires_grad_(True)
-            f = torch.randn(1, 24, 8, generator=g).to(dtype).requires_grad_(True)
-            idx = torch.randint(0, 24, (1, 24, 16), generator=g)
-            tk.weighted_features(w, f, idx).float().sum().backward()
+        # The triton kernels with the table's group kernels, then with every group kernel on;
+        # the Gluon forward and the weighted features follow with the group kernels still on.
+        with tuning.override(TUNING_GLUON={"fwd": False}):
+            _attention_passes(tk, testing)
+            with tuning.override(TUNING_GROUP=group_on):
+                _attention_passes(tk, testing)
+                if forward._attn_fwd_gluon_kernel is not None:
+                    with tuning.override(TUNING_GLUON={"fwd": True}):
+                        for flags in (dict(pe=True, mask=True, blank=True),
+                                      dict(pe=False, mask=False, blank=False)):
+                            _attention_step(tk, testing, torch.float32, flags, False)
+                        # One head: H, heads per program and head groups all 1 (see
+                        # gluon_forward).
+                        _attention_step(tk, testing, torch.float32,
+                                        dict(pe=True, mask=False, blank=True), False, heads=1)
+                g = torch.Generator().manual_seed(0)
+                for dtype in (torch.float32, torch.bfloat16, torch.float64):
+                    w = torch.randn(1, 24, 16, 3, generator=g).to(dtype).requires_grad_(True)
+                    f = torch.randn(1, 24, 8, generator=g).to(dtype).requires_grad_(True)
+                    idx = torch.randint(0, 24, (1, 24, 16), generator=g)
+                    tk.weighted_features(w, f, idx).float().sum().backward()
     finally:
-        tk._Launch.run, tk._INTERPRET = saved[:2]
-        tk.TUNING_GROUP.update(saved[2])
-        tk.TUNING_GLUON.update(saved[3])
+        launch._Launch.run, launch._INTERPRET = saved
     return list(launches.values())
+
+
+def _attention_passes(tk, testing) -> None:
+    """Every dtype, with and without pe / mask / blank, fast and deterministic."""
+    import torch
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for flags in (dict(pe=True, mask=True, blank=True),
+                      dict(pe=False, mask=False, blank=False)):
+            for deterministic in (False, True):
+                _attention_step(tk, testing, dtype, flags, deterministic)
 
 
 def _attention_step(tk, testing, dtype, flags, deterministic, heads=2) -> None:
@@ -174,13 +184,13 @@ def _signature(jf, values: dict):
 def compile_launches(launches: list, arch: int, full: bool, module=None) -> list[tuple]:
     """Step 2 (no interpreter): compile each launch for CUDA ``arch`` (e.g. 90); returns
     (kernel name, options, error message or None, seconds) per launch. ``module`` holds
-    the kernels by name (default: cluster.triton_kernels)."""
+    the kernels by name (default: every kernel of cluster.triton_kernels, its kernels())."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
 
-    from cluster.triton_kernels import _Launch
+    from cluster.triton_kernels.launch import _Launch
 
     try:
         from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
@@ -188,12 +198,16 @@ def compile_launches(launches: list, arch: int, full: bool, module=None) -> list
         GluonASTSource = GluonJITFunction = None
 
     if module is None:
-        from cluster import triton_kernels as module
+        from cluster import triton_kernels
+
+        kernels = triton_kernels.kernels()
+    else:
+        kernels = vars(module)
     target = GPUTarget("cuda", arch, 32)
     backend = CUDABackend(target)
     results = []
     for name, values, opts in launches:
-        kernel = getattr(module, name)
+        kernel = kernels[name]
         jf = kernel.fn if isinstance(kernel, _Launch) else kernel
         opts = {k: v for k, v in opts.items() if v is not None}
         t0 = time.perf_counter()
@@ -253,6 +267,7 @@ def main(argv=None) -> int:
     import triton
 
     from cluster import triton_kernels as tk
+    from cluster.triton_kernels import forward, gluon_forward
 
     t0 = time.perf_counter()
     if a.launches:
@@ -265,14 +280,15 @@ def main(argv=None) -> int:
     if a.save:
         with open(a.save, "w") as fh:
             json.dump(launches, fh, default=str)
-    every = sorted(n for n, o in vars(tk).items() if isinstance(o, tk._Launch))
+    every = sorted(tk.kernels())
     # Kernels this Triton does not use are not built: the Gluon forward is None, not a
     # _Launch, outside the releases its Gluon API was written for.
     unused = {}
-    if tk._attn_fwd_gluon_kernel is None:
+    if forward._attn_fwd_gluon_kernel is None:
         unused["_attn_fwd_gluon_kernel"] = (
             f"not used under triton {triton.__version__}: the Gluon float32 forward is built "
-            f"for {'.'.join(map(str, tk._gluon.MIN_TRITON))}-{'.'.join(map(str, tk._gluon.MAX_TRITON))}; "
+            f"for {'.'.join(map(str, gluon_forward.MIN_TRITON))}-"
+            f"{'.'.join(map(str, gluon_forward.MAX_TRITON))}; "
             "the float32 forward takes the FMA group kernel")
     for name, why in unused.items():
         print(f"build_check: {name} {why}", flush=True)

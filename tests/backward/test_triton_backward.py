@@ -1,36 +1,34 @@
 """Backward of the fused Triton kernels (cluster.triton_kernels) against the float64 reference.
 
-Without a GPU these run on Triton's CPU interpreter (TRITON_INTERPRET is set before the
-module is imported).
+Without a GPU these run on Triton's CPU interpreter (tests/_triton.py sets TRITON_INTERPRET
+before anything imports the package).
 """
 
 from __future__ import annotations
 
-import os
 import zlib
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from cluster import ops, reference, testing
 
-import pytest  # noqa: E402
+from .. import _triton
 
-from cluster import ops, reference, testing  # noqa: E402
-
-_DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-_WHY = ops.backend_unavailable_reason("triton", _DEV, torch.float32)
-pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"triton backend unavailable: {_WHY}")
-
-
-@pytest.fixture(autouse=True)
-def _worker_device(device):
-    # conftest's fixture makes this xdist worker's GPU the current one; "cuda" above
-    # then means that GPU.
-    return device
+_DEV, _WHY = _triton.DEV, _triton.WHY
+pytestmark = _triton.PYTESTMARK
 
 if _WHY is None:
-    from cluster import triton_kernels as tk
+    from cluster.triton_kernels import (
+        backward,
+        backward_kv,
+        backward_tail,
+        common,
+        forward,
+        launch,
+        reverse_map,
+        tuning,
+    )
 
 PARAMS = ("q", "k", "v", "pe_table", "blank_k", "blank_v")
 KWARGS = ("pe_table", "pe_idx", "mask", "blank_k", "blank_v")
@@ -221,9 +219,9 @@ KEY_CLUSTER_SHAPES = [
 
 def _group_map(case):
     mask = case["mask"]
-    return tk._group_reverse_map(case["member_idx"].contiguous(),
-                                 None if mask is None else mask.contiguous().view(torch.uint8),
-                                 case["q"].shape[2])
+    return reverse_map._group_reverse_map(
+        case["member_idx"].contiguous(),
+        None if mask is None else mask.contiguous().view(torch.uint8), case["q"].shape[2])
 
 
 @pytest.mark.usefixtures("group_kernels_on")
@@ -234,7 +232,7 @@ def test_key_cluster_backward_fp32(shape, flags, deterministic):
     seed = zlib.crc32(repr((shape, flags, "kc")).encode()) % 1000
     case = make_case(*shape, seed=seed, **flags, whole_clusters=True)
     assert _group_map(case)[2].eq(0).all(), "inputs should take the key-cluster path"
-    assert tk._kv_group_blocks(shape[3], shape[4], torch.float32) is not None
+    assert backward_kv._kv_group_blocks(shape[3], shape[4], torch.float32) is not None
     assert_grads_fp32(case, seed, deterministic)
 
 
@@ -256,13 +254,12 @@ def test_group_kernels_heads_per_tile(heads, split, monkeypatch):
     # 16-row tile. H=3 leaves the last pair half empty; on a GPU small grids also split
     # the heads over programs (forced here), which may start a pair at any head.
     case = make_case(2, 3, 61, 12, 24, seed=31, whole_clusters=True)
-    for kind in ("fwd", "bwd_kv"):
-        monkeypatch.setitem(tk.TUNING_GROUP_HEADS, kind, heads)
     if split is not None:
-        monkeypatch.setattr(tk, "_head_groups", lambda n, B, H, dev, step=1, per_sm=4: split)
+        monkeypatch.setattr(common, "_head_groups", lambda n, B, H, dev, step=1, per_sm=4: split)
     dout = dout_for(case, 31)
     ref_out, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
-    out, g = fwd_bwd(leaves(case, torch.float32), "triton", dout)
+    with tuning.override(TUNING_GROUP_HEADS={"fwd": heads, "bwd_kv": heads}):
+        out, g = fwd_bwd(leaves(case, torch.float32), "triton", dout)
     assert_close(out, ref_out, 1e-5, "out")
     for n in ref_g:
         assert_close(g[n], ref_g[n], 1e-4, f"d{n}")
@@ -376,8 +373,8 @@ def test_group_key_map_lists_and_flags(deterministic):
     live[0, 16:24, 8:16] = False  # block 1 of group 2 unused in batch 0: no entry
 
     def group_map(member_idx, mask):
-        return tk._group_reverse_map(member_idx, None if mask is None else mask.view(torch.uint8),
-                                     N, deterministic)
+        return reverse_map._group_reverse_map(
+            member_idx, None if mask is None else mask.view(torch.uint8), N, deterministic)
 
     def listed(gperm, gptr, b, c):
         got = gperm[b, int(gptr[b, c]):int(gptr[b, c + 1])].tolist()
@@ -465,43 +462,44 @@ def test_deterministic_pe_grad_zero_and_nonfinite():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dpe_fixed_amax_is_torchs_max(dtype, monkeypatch):
+def test_dpe_fixed_amax_is_torchs_max(dtype):
     # The fixed-point scale's max |dout| and max |v| come from one kernel (integer atomics
     # on float bits): strided heads, row ranges of several programs, the blank's rows, a
     # NaN, and the largest value in the last row or the blank must all be seen.
-    monkeypatch.setattr(tk, "_AMAX_ROWS", 64)
     g = torch.Generator().manual_seed(41)
     B, H, N, D = 2, 3, 150, 24
     dout = torch.randn(B, N, H, D, generator=g).to(dtype).to(_DEV).transpose(1, 2)
     v = torch.randn(B, H, N, D, generator=g).to(dtype).to(_DEV)
     blank_v = torch.randn(H, D, generator=g).to(dtype).to(_DEV)
     dout[1, 2, N - 1, D - 1] = -40.0  # the last row of the last program
-    for bv, want_v in ((None, v.abs().max()), (blank_v, v.abs().max())):
+    with tuning.override(AMAX_ROWS=64):
+        for bv, want_v in ((None, v.abs().max()), (blank_v, v.abs().max())):
+            amax = torch.zeros(2, dtype=torch.float32, device=_DEV)
+            backward_tail._dpe_fixed_amax(dout, v, bv, amax)
+            assert amax[0].item() == 40.0 and amax[1].item() == float(want_v)
+        blank_v[2, 5] = 75.0
         amax = torch.zeros(2, dtype=torch.float32, device=_DEV)
-        tk._dpe_fixed_amax(dout, v, bv, amax)
-        assert amax[0].item() == 40.0 and amax[1].item() == float(want_v)
-    blank_v[2, 5] = 75.0
-    amax = torch.zeros(2, dtype=torch.float32, device=_DEV)
-    tk._dpe_fixed_amax(dout, v, blank_v, amax)
-    assert amax.tolist() == [40.0, 75.0]
-    v[0, 1, 77, 3] = float("nan")
-    amax.zero_()
-    tk._dpe_fixed_amax(dout, v, blank_v, amax)
-    assert amax[0].item() == 40.0 and torch.isnan(amax[1])
+        backward_tail._dpe_fixed_amax(dout, v, blank_v, amax)
+        assert amax.tolist() == [40.0, 75.0]
+        v[0, 1, 77, 3] = float("nan")
+        amax.zero_()
+        backward_tail._dpe_fixed_amax(dout, v, blank_v, amax)
+        assert amax[0].item() == 40.0 and torch.isnan(amax[1])
 
 
 def _tail(dpe=None, pe_mode=0, scale=None, pe_dtype=None, part=None, bk_dtype=None,
           bv_dtype=None, acc=torch.float32):
     """Run the backward's tail as _attn_backward does: part [2, R, H, D] or None."""
     R, H, D = (part.shape[1:] if part is not None else (1, dpe.shape[2], 1))
-    plan = tk._tail_plan(R, H * D) if part is not None else (1, 1, 0, 0, 0)
+    plan = backward_tail._tail_plan(R, H * D) if part is not None else (1, 1, 0, 0, 0)
     count = scratch = None
     if part is not None and plan[3] > 1:
         count = torch.zeros(2 * plan[2], dtype=torch.int32, device=_DEV)
         scratch = torch.empty(2 * plan[3] * H * D, dtype=acc, device=_DEV)
-    return tk._backward_tail(dpe, pe_mode, scale, pe_dtype,
-                             part.reshape(-1) if part is not None else None, scratch, count,
-                             plan, R, H, D, bk_dtype, bv_dtype, acc), plan
+    return backward_tail._backward_tail(dpe, pe_mode, scale, pe_dtype,
+                                        part.reshape(-1) if part is not None else None,
+                                        scratch, count, plan, R, H, D, bk_dtype, bv_dtype,
+                                        acc), plan
 
 
 @pytest.mark.parametrize("n_rep", [5, 37])
@@ -547,38 +545,36 @@ def test_tail_sums_float_pe_replicas(dtype):
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32),
                                     (torch.bfloat16, torch.float16),
                                     (torch.float64, torch.float32)], ids=["f32", "16bit", "mixed"])
-def test_tail_sums_blank_partials(R, max_pieces, dtypes, monkeypatch):
+def test_tail_sums_blank_partials(R, max_pieces, dtypes):
     # dblank_k / dblank_v: column sums of the query-side kernel's partial rows, cut into
     # row pieces that the last program of a column chunk adds up (small tiles here, so 300
     # rows make 75 pieces and two chunks, 3 rows one piece; with at most 16 pieces, 301
     # rows make 16 longer ones); both slabs, in their own dtypes, twice with the same bits
     # (the sums' order is fixed).
-    monkeypatch.setattr(tk, "_TAIL_TILE", 256)
-    monkeypatch.setattr(tk, "_TAIL_MIN_TILES", 2)
-    monkeypatch.setattr(tk, "_TAIL_MAX_PIECES", max_pieces)
-    g = torch.Generator().manual_seed(44 + R)
-    H, D = 3, 48  # 144 columns: two chunks of 128
-    acc = torch.float64 if torch.float64 in dtypes else torch.float32
-    part = torch.randn(2, R, H, D, generator=g, dtype=acc).to(_DEV)
-    (_, dbk, dbv), plan = _tail(part=part, bk_dtype=dtypes[0], bv_dtype=dtypes[1], acc=acc)
-    assert (plan[2] > 1 and plan[3] > 1) == (R > 3)
-    assert plan[3] == {3: 1, 300: 75, 301: 16}[R]
-    (_, dbk2, dbv2), _ = _tail(part=part, bk_dtype=dtypes[0], bv_dtype=dtypes[1], acc=acc)
-    for got, again, want, dt in ((dbk, dbk2, part[0], dtypes[0]), (dbv, dbv2, part[1], dtypes[1])):
-        want = want.double().sum(0)
-        assert got.dtype == dt and got.shape == (H, D)
-        assert torch.equal(got, again)
-        tol = {torch.float32: 1e-6, torch.float64: 1e-14}.get(dt, 1e-2)
-        assert float((got.double() - want).abs().max()) <= tol * float(want.abs().max()), dt
+    with tuning.override(TAIL_TILE=256, TAIL_MIN_TILES=2, TAIL_MAX_PIECES=max_pieces):
+        g = torch.Generator().manual_seed(44 + R)
+        H, D = 3, 48  # 144 columns: two chunks of 128
+        acc = torch.float64 if torch.float64 in dtypes else torch.float32
+        part = torch.randn(2, R, H, D, generator=g, dtype=acc).to(_DEV)
+        (_, dbk, dbv), plan = _tail(part=part, bk_dtype=dtypes[0], bv_dtype=dtypes[1], acc=acc)
+        assert (plan[2] > 1 and plan[3] > 1) == (R > 3)
+        assert plan[3] == {3: 1, 300: 75, 301: 16}[R]
+        (_, dbk2, dbv2), _ = _tail(part=part, bk_dtype=dtypes[0], bv_dtype=dtypes[1], acc=acc)
+        for got, again, want, dt in ((dbk, dbk2, part[0], dtypes[0]), (dbv, dbv2, part[1], dtypes[1])):
+            want = want.double().sum(0)
+            assert got.dtype == dt and got.shape == (H, D)
+            assert torch.equal(got, again)
+            tol = {torch.float32: 1e-6, torch.float64: 1e-14}.get(dt, 1e-2)
+            assert float((got.double() - want).abs().max()) <= tol * float(want.abs().max()), dt
 
 
 def test_tail_plan_bounds():
     for R, HD in ((1, 1), (1024, 256), (16384, 96), (32768, 64), (10**6, 3000)):
-        block_r, block_c, n_chunks, n_pieces, rows = tk._tail_plan(R, HD)
-        assert block_r * block_c == tk._TAIL_TILE and block_c >= min(HD, 128)
+        block_r, block_c, n_chunks, n_pieces, rows = backward_tail._tail_plan(R, HD)
+        assert block_r * block_c == tuning.TAIL_TILE and block_c >= min(HD, 128)
         assert n_chunks * block_c >= HD and (n_chunks - 1) * block_c < HD
         assert rows % block_r == 0 and n_pieces * rows >= R and (n_pieces - 1) * rows < R
-        assert n_pieces <= tk._TAIL_MAX_PIECES
+        assert n_pieces <= tuning.TAIL_MAX_PIECES
 
 
 def test_deterministic_follows_torch_setting():
@@ -673,7 +669,7 @@ def test_zeroed_parts_are_zero_aligned_and_disjoint():
     # an 8-byte boundary (int64 / float64 views), and writing one must not touch another.
     sizes = [(5, torch.int32), (3, torch.int64), (0, torch.int32), (7, torch.float32),
              (2, torch.float64)]
-    parts = tk._zeroed(_DEV, *sizes)
+    parts = backward._zeroed(_DEV, *sizes)
     assert parts[2] is None  # nothing to cut for an empty part
     parts = [p for p in parts if p is not None]
     assert [(p.numel(), p.dtype) for p in parts] == [s for s in sizes if s[0]]
@@ -707,51 +703,50 @@ def test_query_cluster_kernel_dispatch():
     # one program: the per-query kernels. float32: the group forward (its FMA path), the
     # per-query backward.
     for kind in ("fwd", "bwd_q"):
-        assert tk._group_blocks(32, 64, torch.bfloat16, kind)[:3] == (64, 32, 1)
-        assert tk._group_blocks(32, 48, torch.bfloat16, kind)[:2] == (64, 32)
-        assert tk._group_blocks(128, 128, torch.bfloat16, kind) is None
+        assert common._group_blocks(32, 64, torch.bfloat16, kind)[:3] == (64, 32, 1)
+        assert common._group_blocks(32, 48, torch.bfloat16, kind)[:2] == (64, 32)
+        assert common._group_blocks(128, 128, torch.bfloat16, kind) is None
     # (The interpreter keeps float32 forwards per query: TUNING_GROUP.)
-    fp32_fwd = tk._group_blocks(32, 48, torch.float32, "fwd")
-    assert fp32_fwd is None if tk._INTERPRET else fp32_fwd[:2] == (64, 32)
-    assert tk.TUNING_GROUP_FMA["fwd", 4] and not tk.TUNING_GROUP_FMA.get(("fwd", 2))
-    assert tk._group_blocks(32, 48, torch.float32, "bwd_q") is None
+    fp32_fwd = common._group_blocks(32, 48, torch.float32, "fwd")
+    assert fp32_fwd is None if launch._INTERPRET else fp32_fwd[:2] == (64, 32)
+    assert tuning.TUNING_GROUP_FMA["fwd", 4] and not tuning.TUNING_GROUP_FMA.get(("fwd", 2))
+    assert common._group_blocks(32, 48, torch.float32, "bwd_q") is None
 
 
 @pytest.mark.parametrize("M,want", [(64, 32), (48, 16), (40, 16), (7, 8), (1, 1)])
 def test_lead_chunk_slots(M, want):
     # The FMA path's slot chunk at D = 32: whole chunks where M allows, never past the
     # [8, slots, D] tile budget (half of it in float64).
-    assert tk._lead_slots(32, M, torch.float32) == want
-    assert 8 * tk._lead_slots(128, 64, torch.float32) * 128 <= tk._GROUP_TILE
-    assert 8 * tk._lead_slots(32, 64, torch.float64) * 32 <= tk._GROUP_TILE // 2
+    assert forward._lead_slots(32, M, torch.float32) == want
+    assert 8 * forward._lead_slots(128, 64, torch.float32) * 128 <= tuning.GROUP_TILE
+    assert 8 * forward._lead_slots(32, 64, torch.float64) * 32 <= tuning.GROUP_TILE // 2
 
 
 @pytest.mark.parametrize("group", [False, True], ids=["per_row", "group"])
-def test_register_caps_keep_results(group, request, monkeypatch):
+def test_register_caps_keep_results(group, request):
     # TUNING_MAXNREG changes how ptxas allocates registers (spills on the GPU; ignored by
     # the interpreter), never what the kernels compute: every attention kernel capped low.
     if group:
         request.getfixturevalue("group_kernels_on")
-    for kind in ("fwd", "bwd_q", "bwd_kv"):
-        for name in (kind, kind + "_group"):
-            for width in (2, 4):
-                monkeypatch.setitem(tk.TUNING_MAXNREG, (name, width), 64)
+    caps = {(name, width): 64 for kind in ("fwd", "bwd_q", "bwd_kv")
+            for name in (kind, kind + "_group") for width in (2, 4)}
     case = make_case(2, 3, 64, 16, 16, seed=23, whole_clusters=True)
     dout = dout_for(case, 23)
     out_ref, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
-    for det in (False, True):
-        out, g = fwd_bwd(leaves(case, torch.float32), "triton", dout, deterministic=det)
-        assert_close(out, out_ref, 1e-5, "out")
-        for n in ref_g:
-            assert_close(g[n], ref_g[n], 1e-4, f"d{n}")
-    assert_grads_lowp(case, 23, torch.bfloat16)
+    with tuning.override(TUNING_MAXNREG=caps):
+        for det in (False, True):
+            out, g = fwd_bwd(leaves(case, torch.float32), "triton", dout, deterministic=det)
+            assert_close(out, out_ref, 1e-5, "out")
+            for n in ref_g:
+                assert_close(g[n], ref_g[n], 1e-4, f"d{n}")
+        assert_grads_lowp(case, 23, torch.bfloat16)
 
 
 def test_head_groups_backward(monkeypatch):
     case = make_case(1, 3, 30, 12, 10, seed=20)
     dout = dout_for(case, 20)
     _, ref_g = fwd_bwd(leaves(case, torch.float64), "reference", dout)
-    monkeypatch.setattr(tk, "_head_groups", lambda n, B, H, dev, step=1, per_sm=4: (2, 2))
+    monkeypatch.setattr(common, "_head_groups", lambda n, B, H, dev, step=1, per_sm=4: (2, 2))
     for det in (False, True):
         _, g = fwd_bwd(leaves(case, torch.float64), "triton", dout, deterministic=det)
         for n in g:
@@ -824,7 +819,7 @@ def test_sorted_reverse_map_is_a_stable_sort(N, M, n_keys, masked):
     idx, valid = _map_case(N, M, n_keys, masked)
     idx = idx.clamp(0, n_keys - 1)  # the sort version relies on the range check
     want_perm, want_ptr = _stable_sort_map(idx, valid, n_keys)
-    perm, ptr = tk._reverse_map(idx, valid, n_keys)
+    perm, ptr = reverse_map._reverse_map(idx, valid, n_keys)
     assert perm.dtype == ptr.dtype == torch.int32
     assert torch.equal(ptr.long(), want_ptr)
     for b in range(2):
@@ -838,8 +833,8 @@ def test_counting_reverse_map_has_the_sorts_lists(N, M, n_keys, masked):
     # The fast mode's map: the same list per key, in an order the atomics choose.
     idx, valid = _map_case(N, M, n_keys, masked)
     want_perm, want_ptr = _stable_sort_map(idx, valid, n_keys)
-    perm, ptr = tk._reverse_map_counting(idx, None if valid is None else valid.view(torch.uint8),
-                                         n_keys)
+    perm, ptr = reverse_map._reverse_map_counting(
+        idx, None if valid is None else valid.view(torch.uint8), n_keys)
     assert perm.dtype == ptr.dtype == torch.int32
     assert torch.equal(ptr.long(), want_ptr)
     for b in range(2):
@@ -853,16 +848,16 @@ def test_counting_reverse_map_has_the_sorts_lists(N, M, n_keys, masked):
 
 @MAP_CASES
 @pytest.mark.parametrize("masked", [False, True], ids=["all", "masked"])
-def test_range_reverse_map_is_the_stable_sort(N, M, n_keys, masked, monkeypatch):
+def test_range_reverse_map_is_the_stable_sort(N, M, n_keys, masked):
     # The deterministic mode's token-level map: the stable sort's lists, in slot order, for
     # the batches flagged in need (batch 0 here); the other batch's lists are not built.
     # Small ranges so that the cases span several ranges and several chunks per range.
-    monkeypatch.setattr(tk, "_RANGE_MIN", 150)
     idx, valid = _map_case(N, M, n_keys, masked)
     want_perm, want_ptr = _stable_sort_map(idx, valid, n_keys)
     need = torch.tensor([1, 0], dtype=torch.int32, device=_DEV)
-    perm, ptr = tk._reverse_map_stable(idx, None if valid is None else valid.view(torch.uint8),
-                                       n_keys, need)
+    with tuning.override(RANGE_MIN=150):
+        perm, ptr = reverse_map._reverse_map_stable(
+            idx, None if valid is None else valid.view(torch.uint8), n_keys, need)
     assert perm.dtype == ptr.dtype == torch.int32
     assert torch.equal(ptr[0].long(), want_ptr[0])
     used = int(want_ptr[0, -1])

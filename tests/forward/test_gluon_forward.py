@@ -1,4 +1,4 @@
-"""The Gluon float32 forward (cluster.gluon_forward) and its dispatch.
+"""The Gluon float32 forward (cluster.triton_kernels.gluon_forward) and its dispatch.
 
 The kernel itself runs on a GPU only (Gluon has no CPU interpreter); there it is checked
 against the float64 reference, against the triton FMA path (outputs and log-sum-exp), and
@@ -7,24 +7,20 @@ through the backward. The dispatch rules run everywhere.
 
 from __future__ import annotations
 
-import os
 import zlib
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from cluster import ops, reference, testing
+from cluster.testing import random_case
 
-import pytest  # noqa: E402
+from .. import _triton
 
-from cluster import gluon_forward, ops, reference, testing  # noqa: E402
-from cluster.testing import random_case  # noqa: E402
-
-_DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-_WHY = ops.backend_unavailable_reason("triton", _DEV, torch.float32)
-pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"triton backend unavailable: {_WHY}")
+_DEV, _WHY = _triton.DEV, _triton.WHY
+pytestmark = _triton.PYTESTMARK
 if _WHY is None:
-    from cluster import triton_kernels as tk
+    from cluster.triton_kernels import forward, gluon_forward, launch, tuning
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="Gluon kernels need a GPU")
 
@@ -41,41 +37,42 @@ def test_blocks(D, M, want):
 def test_dispatch(monkeypatch):
     # float32 on a GPU with Triton >= 3.6 and TUNING_GLUON on, D <= 64, a bias table that
     # int32 offsets reach.
-    monkeypatch.setattr(tk, "_INTERPRET", False)
-    monkeypatch.setattr(tk, "_TRITON_RELEASE", (3, 6))
-    assert tk._gluon_blocks(32, 64, torch.float32) == (32, 32)
-    assert tk._gluon_blocks(32, 64, torch.float32, pe_span=2**31 - 1) == (32, 32)
-    assert tk._gluon_blocks(32, 64, torch.float32, pe_span=2**31) is None
-    assert tk._gluon_blocks(128, 64, torch.float32) is None
-    for dtype in (torch.float16, torch.bfloat16, torch.float64):
-        assert tk._gluon_blocks(32, 64, dtype) is None
-    monkeypatch.setitem(tk.TUNING_GLUON, "fwd", False)
-    assert tk._gluon_blocks(32, 64, torch.float32) is None
-    monkeypatch.setitem(tk.TUNING_GLUON, "fwd", True)
-    monkeypatch.setattr(tk, "_TRITON_RELEASE", (3, 5))
-    assert tk._gluon_blocks(32, 64, torch.float32) is None
-    monkeypatch.setattr(tk, "_TRITON_RELEASE", (3, 6))
-    monkeypatch.setattr(tk, "_INTERPRET", True)
-    assert tk._gluon_blocks(32, 64, torch.float32) is None
+    monkeypatch.setattr(launch, "_INTERPRET", False)
+    monkeypatch.setattr(launch, "_TRITON_RELEASE", (3, 6))
+    with tuning.override(TUNING_GLUON={"fwd": True}):
+        assert forward._gluon_blocks(32, 64, torch.float32) == (32, 32)
+        assert forward._gluon_blocks(32, 64, torch.float32, pe_span=2**31 - 1) == (32, 32)
+        assert forward._gluon_blocks(32, 64, torch.float32, pe_span=2**31) is None
+        assert forward._gluon_blocks(128, 64, torch.float32) is None
+        for dtype in (torch.float16, torch.bfloat16, torch.float64):
+            assert forward._gluon_blocks(32, 64, dtype) is None
+        with tuning.override(TUNING_GLUON={"fwd": False}):
+            assert forward._gluon_blocks(32, 64, torch.float32) is None
+        monkeypatch.setattr(launch, "_TRITON_RELEASE", (3, 5))
+        assert forward._gluon_blocks(32, 64, torch.float32) is None
+        monkeypatch.setattr(launch, "_TRITON_RELEASE", (3, 6))
+        monkeypatch.setattr(launch, "_INTERPRET", True)
+        assert forward._gluon_blocks(32, 64, torch.float32) is None
 
 
-@pytest.mark.skipif(tk._gluon.gluon is None, reason="this Triton has no Gluon")
+@pytest.mark.skipif(_WHY is not None or gluon_forward.gluon is None,
+                    reason="this Triton has no Gluon")
 def test_newer_triton_takes_the_fma_kernel_with_a_warning(monkeypatch):
     """A Triton past the Gluon API the kernel was built against (3.9 removed a call it
     uses) must never fail in a user's step: the float32 forward falls back and says so."""
     import warnings
 
-    monkeypatch.setattr(tk, "_INTERPRET", False)
-    last = tk._gluon.MAX_TRITON
-    monkeypatch.setattr(tk, "_TRITON_RELEASE", last)
+    monkeypatch.setattr(launch, "_INTERPRET", False)
+    last = gluon_forward.MAX_TRITON
+    monkeypatch.setattr(launch, "_TRITON_RELEASE", last)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert tk._gluon_blocks(32, 64, torch.float32) == (32, 32)
-    monkeypatch.setattr(tk, "_TRITON_RELEASE", (last[0], last[1] + 1))
+        assert forward._gluon_blocks(32, 64, torch.float32) == (32, 32)
+    monkeypatch.setattr(launch, "_TRITON_RELEASE", (last[0], last[1] + 1))
     with pytest.warns(RuntimeWarning, match="FMA group kernel"):
-        assert tk._gluon_blocks(32, 64, torch.float32) is None
-    assert not tk._gluon.available((3, 9)) and tk._gluon.untested_release((3, 9))
-    assert tk._gluon.available((3, 6)) and tk._gluon.available((3, 8))
+        assert forward._gluon_blocks(32, 64, torch.float32) is None
+    assert not gluon_forward.available((3, 9)) and gluon_forward.untested_release((3, 9))
+    assert gluon_forward.available((3, 6)) and gluon_forward.available((3, 8))
 
 
 class _Spy:
@@ -92,8 +89,8 @@ class _Spy:
 @pytest.fixture
 def gluon_on(monkeypatch):
     """The Gluon forward, its launches counted."""
-    spy = _Spy(tk._attn_fwd_gluon_kernel)
-    monkeypatch.setattr(tk, "_attn_fwd_gluon_kernel", spy)
+    spy = _Spy(forward._attn_fwd_gluon_kernel)
+    monkeypatch.setattr(forward, "_attn_fwd_gluon_kernel", spy)
     return spy
 
 
@@ -126,21 +123,21 @@ CASES = [
 
 @gpu
 @pytest.mark.parametrize("shape,opts", CASES)
-def test_forward_matches_reference(shape, opts, gluon_on, device, monkeypatch):
+def test_forward_matches_reference(shape, opts, gluon_on, device):
     B, H, N, D, M = shape
     seed = zlib.crc32(repr((shape, opts)).encode()) % 1000
     case = random_case(B, H, N, D, M, seed=seed, device=device, **opts)
     want = reference.cluster_attention(*_args(case), scale=0.3)
     c32 = _fp32(case)
-    out, lse = tk._attn_forward(*_args(c32), 0.3)
+    out, lse = forward._attn_forward(*_args(c32), 0.3)
     assert gluon_on.launches == 1
     assert out.dtype == torch.float32
     assert testing.within_fp32_tolerance(out, want, testing.TOLERANCES["forward"]), \
         f"max abs err {testing.max_errors(out, want)[0]:.3e}"
     # The same inputs through the triton FMA path: outputs and log-sum-exp (+inf on
     # empty rows) agree to float32 rounding.
-    monkeypatch.setitem(tk.TUNING_GLUON, "fwd", False)
-    out_t, lse_t = tk._attn_forward(*_args(c32), 0.3)
+    with tuning.override(TUNING_GLUON={"fwd": False}):
+        out_t, lse_t = forward._attn_forward(*_args(c32), 0.3)
     assert gluon_on.launches == 1
     torch.testing.assert_close(out, out_t, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, lse_t, rtol=1e-5, atol=1e-5)

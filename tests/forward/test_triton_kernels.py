@@ -1,7 +1,7 @@
 """Forward of the fused Triton kernels (cluster.triton_kernels) against the float64 reference.
 
-Without a GPU these run on Triton's CPU interpreter, which reads TRITON_INTERPRET when
-the kernels are decorated: it is set below, before anything imports the module.
+Without a GPU these run on Triton's CPU interpreter (tests/_triton.py sets TRITON_INTERPRET
+before anything imports the package).
 """
 
 from __future__ import annotations
@@ -11,29 +11,20 @@ import subprocess
 import sys
 import zlib
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from cluster import ops, reference, testing
+from cluster.testing import random_case as make_case
 
-import pytest  # noqa: E402
+from .. import _triton
 
-from cluster import ops, reference, testing  # noqa: E402
-from cluster.testing import random_case as make_case  # noqa: E402
-
-_DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-_WHY = ops.backend_unavailable_reason("triton", _DEV, torch.float32)
-pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"triton backend unavailable: {_WHY}")
-
-
-@pytest.fixture(autouse=True)
-def _worker_device(device):
-    # conftest's fixture makes this xdist worker's GPU the current one; "cuda" above
-    # then means that GPU.
-    return device
+_DEV, _WHY = _triton.DEV, _triton.WHY
+pytestmark = _triton.PYTESTMARK
 
 if _WHY is None:
     from cluster import triton_kernels as tk
+    from cluster.triton_kernels import common, forward, launch, tuning
 
 
 def cast(case, dtype, param_dtype=None):
@@ -201,14 +192,14 @@ def test_group_shared_lists_fp32(shape, flags, stray_every):
 
 
 @pytest.mark.parametrize("shape", GROUP_SHAPES[:3])
-def test_per_query_kernel_on_shared_lists(shape, monkeypatch):
+def test_per_query_kernel_on_shared_lists(shape):
     # The float32 / float64 forwards run the per-query kernel (TUNING_GROUP); with the tile
     # budget at 0 it stays so whatever the table says.
     B, H, N, D, M = shape
     case = make_case(B, H, N, D, M, seed=25, group=8, device=_DEV)
-    monkeypatch.setattr(tk, "_GROUP_TILE", 0)
-    assert tk._group_blocks(D, M, torch.float32) is None
-    assert_close(run_triton(cast(case, torch.float32)), run_reference(case), 1e-4, "out")
+    with tuning.override(GROUP_TILE=0):
+        assert common._group_blocks(D, M, torch.float32) is None
+        assert_close(run_triton(cast(case, torch.float32)), run_reference(case), 1e-4, "out")
 
 
 @pytest.mark.usefixtures("group_kernels_on")
@@ -216,9 +207,9 @@ def test_per_query_kernel_on_shared_lists(shape, monkeypatch):
 def test_group_shared_lists_fp64(stray_every):
     case = make_case(2, 3, 61, 12, 24, seed=21, empty_rows=True, blank=False, group=8,
                      stray_every=stray_every, device=_DEV)
-    out, lse = tk._attn_forward(case["q"], case["k"], case["v"], case["member_idx"],
-                                case["pe_table"], case["pe_idx"], case["mask"],
-                                case["blank_k"], case["blank_v"], 0.37)
+    out, lse = forward._attn_forward(case["q"], case["k"], case["v"], case["member_idx"],
+                                     case["pe_table"], case["pe_idx"], case["mask"],
+                                     case["blank_k"], case["blank_v"], 0.37)
     assert_close(out, run_reference(case, scale=0.37), 1e-12, "out")
     empty = (~case["mask"].any(-1))[:, None, :].expand_as(lse)
     assert bool(empty.any()) and bool(torch.isinf(lse[empty]).all())
@@ -243,7 +234,7 @@ def test_cdiv_is_tritons():
     import triton
     for a in (0, 1, 7, 8, 9, 63, 64, 65, 2**31 + 3):
         for b in (1, 8, 64, 1024):
-            assert tk._cdiv(a, b) == triton.cdiv(a, b)
+            assert common._cdiv(a, b) == triton.cdiv(a, b)
 
 
 @pytest.mark.parametrize("n_blocks,B,H,step,per_sm,want", [
@@ -255,8 +246,8 @@ def test_cdiv_is_tritons():
 def test_head_group_split(n_blocks, B, H, step, per_sm, want, monkeypatch):
     # The split of the head loop on a GPU with 132 SMs (a device object only: no GPU used):
     # heads per program a multiple of step, enough groups to cover every head.
-    monkeypatch.setitem(tk._SM_COUNT, 0, 132)
-    hpg, nhg = tk._head_groups(n_blocks, B, H, torch.device("cuda:0"), step, per_sm)
+    monkeypatch.setitem(common._SM_COUNT, 0, 132)
+    hpg, nhg = common._head_groups(n_blocks, B, H, torch.device("cuda:0"), step, per_sm)
     assert (hpg, nhg) == want
     assert hpg % step == 0 and hpg * nhg >= H > hpg * (nhg - 1)
 
@@ -265,7 +256,7 @@ def test_head_groups(monkeypatch):
     # On a GPU small grids split the heads over programs; force the split here.
     case = make_case(1, 3, 30, 12, 10, seed=7, device=_DEV)
     ref = run_reference(case)
-    monkeypatch.setattr(tk, "_head_groups", lambda n, B, H, dev, step=1, per_sm=4: (2, 2))
+    monkeypatch.setattr(common, "_head_groups", lambda n, B, H, dev, step=1, per_sm=4: (2, 2))
     assert_close(run_triton(case), ref, 1e-12, "out")
 
 
@@ -280,8 +271,10 @@ def test_unavailable_reason():
 @pytest.mark.parametrize("version,ok", [("3.4.0", False), ("3.5.1", True), ("3.10.0+git1a2b", True),
                                         ("2.3.1", False), ("3.6.0rc1", True)])
 def test_unavailable_with_old_triton(version, ok, monkeypatch):
-    monkeypatch.setattr(tk, "_TRITON_RELEASE", tk._release(version))
-    monkeypatch.setattr(tk.triton, "__version__", version)
+    import triton
+
+    monkeypatch.setattr(launch, "_TRITON_RELEASE", launch._release(version))
+    monkeypatch.setattr(triton, "__version__", version)
     why = tk.unavailable_reason(_DEV, torch.float32)
     if ok:
         assert why is None

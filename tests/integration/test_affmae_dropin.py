@@ -55,14 +55,12 @@ def _interpreter_tail_block(device):
         yield
         return
     try:
-        from cluster import triton_kernels as tk
+        from cluster.triton_kernels import tuning
     except Exception:  # triton absent: the new path falls back, nothing to widen
         yield
         return
-    mp = pytest.MonkeyPatch()
-    mp.setattr(tk, "_TAIL_PE_BLOCK", 1 << 16)
-    yield
-    mp.undo()
+    with tuning.override(TAIL_PE_BLOCK=1 << 16):
+        yield
 
 
 def _amp_dtype(name: str, device: torch.device):

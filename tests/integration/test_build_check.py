@@ -41,11 +41,15 @@ def test_every_kernel_builds_for_sm90(tmp_path):
     # launch must then pass Triton's front end for sm_90 (in a process without the
     # interpreter); the script names what failed and why.
     from cluster import triton_kernels as tk
+    from cluster.triton_kernels import gluon_forward, launch, tuning
 
-    interpreting = tk._INTERPRET
+    interpreting = launch._INTERPRET
+    tables = {name: dict(getattr(tuning, name)) for name in tuning.knobs()
+              if name.startswith("TUNING")}
     launches = build_check.record()
-    assert tk._INTERPRET == interpreting  # restored
-    every = {n for n, o in vars(tk).items() if isinstance(o, tk._Launch)}
+    assert launch._INTERPRET == interpreting  # restored
+    assert tables == {name: dict(getattr(tuning, name)) for name in tables}
+    every = set(tk.kernels())
     assert {name for name, _v, _o in launches} == every
     modes = {v["PE_MODE"][1] for n, v, _o in launches if n == "_backward_tail_kernel"}
     assert modes == {0, 1, 3}  # no pe / fast replicas / fixed point
@@ -63,7 +67,7 @@ def test_every_kernel_builds_for_sm90(tmp_path):
     assert report["triton"] == triton.__version__ and report["launches"] == len(launches)
     # Which float32 forward this Triton builds: the Gluon one, or (a release outside the
     # Gluon API it was written for) the FMA group kernel, reported as such.
-    gluon_used = tk._gluon.available(tk._TRITON_RELEASE)
+    gluon_used = gluon_forward.available(launch._TRITON_RELEASE)
     assert ("_attn_fwd_gluon_kernel" in every) == gluon_used
     assert ("_attn_fwd_gluon_kernel" in report["unused"]) == (not gluon_used)
 

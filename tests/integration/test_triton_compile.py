@@ -8,32 +8,22 @@ before the module is imported).
 
 from __future__ import annotations
 
-import os
 import shutil
 
+import pytest
 import torch
+import torch._dynamo
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from cluster import ops, reference
 
-import pytest  # noqa: E402
-import torch._dynamo  # noqa: E402
+from .. import _triton
 
-from cluster import ops, reference  # noqa: E402
-
-_DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-_WHY = ops.backend_unavailable_reason("triton", _DEV, torch.float32)
-pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"triton backend unavailable: {_WHY}")
-
-
-@pytest.fixture(autouse=True)
-def _worker_device(device):
-    # conftest's fixture makes this xdist worker's GPU the current one; "cuda" above
-    # then means that GPU.
-    return device
+_DEV, _WHY = _triton.DEV, _triton.WHY
+pytestmark = _triton.PYTESTMARK
 
 if _WHY is None:
     from cluster import triton_kernels as tk
+    from cluster.triton_kernels import autograd
 
 # Inductor needs a C++ compiler for its CPU code; the CUDA path needs none here.
 _HAVE_CXX = _DEV.type == "cuda" or any(shutil.which(c) for c in ("g++", "c++", "clang++"))
@@ -198,7 +188,7 @@ def test_eager_function_matches_custom_op(needs):
         args = (c["q"], c["k"], c["v"], c["member_idx"], c["pe_table"], c["pe_idx"], c["mask"],
                 c["blank_k"], c["blank_v"], 0.4, True)
         if path == "function":
-            out = tk._AttnFunction.apply(*args)
+            out = autograd._AttnFunction.apply(*args)
         else:
             out = torch.ops.cluster_triton.attn_fwd(*args)[0]
         out.square().sum().backward()

@@ -1,4 +1,4 @@
-"""The Triton backend's launcher (cluster.triton_kernels._Launch).
+"""The Triton backend's launcher (cluster.triton_kernels.launch._Launch).
 
 It replays a compiled kernel without Triton's JIT path once a launch's key has been
 seen. Its key must separate every pair of launches the JIT would specialise differently,
@@ -9,31 +9,26 @@ JIT path's results bit for bit.
 
 from __future__ import annotations
 
-import os
+import importlib
+import pkgutil
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from cluster import ops
+from cluster.testing import random_case
 
-import pytest  # noqa: E402
+from .. import _triton
 
-from cluster import ops  # noqa: E402
-from cluster.testing import random_case  # noqa: E402
-
-_DEV = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-_WHY = ops.backend_unavailable_reason("triton", _DEV, torch.float32)
-pytestmark = pytest.mark.skipif(_WHY is not None, reason=f"triton backend unavailable: {_WHY}")
+_DEV, _WHY = _triton.DEV, _triton.WHY
+pytestmark = _triton.PYTESTMARK
 
 if _WHY is None:
     import triton
 
     from cluster import triton_kernels as tk
-
-
-@pytest.fixture(autouse=True)
-def _worker_device(device):
-    return device
+    from cluster.triton_kernels import forward, gluon_forward
+    from cluster.triton_kernels import launch as tk_launch  # ("launch" is the fixture below)
 
 
 def _kernel(X, Y, n, scale, FLAG, BLOCK=16):  # the stand-in's signature
@@ -77,9 +72,9 @@ class _Driver:
 
 @pytest.fixture
 def launch(monkeypatch):
-    monkeypatch.setattr(tk, "_driver", _Driver)
+    monkeypatch.setattr(tk_launch, "_driver", _Driver)
     fn = _Jit()
-    wrapped = tk._Launch(fn)
+    wrapped = tk_launch._Launch(fn)
     wrapped.enabled = True
     return wrapped, fn.log
 
@@ -135,7 +130,7 @@ def test_any_specialisation_change_goes_through_the_jit(launch, change):
 def test_the_cache_stays_bounded(launch, monkeypatch):
     # Shapes that keep changing must not grow the cache without end.
     wrapped, log = launch
-    monkeypatch.setattr(tk, "_LAUNCH_KEYS", 4)
+    monkeypatch.setattr(tk_launch, "_LAUNCH_KEYS", 4)
     x = torch.zeros(8)
     for n in range(10):
         wrapped[(1,)](x, x, n + 2, 1.0, FLAG=False)
@@ -165,7 +160,7 @@ def test_a_launch_hook_sends_launches_through_the_jit(launch, monkeypatch):
     wrapped, log = launch
     x = torch.zeros(8)
     wrapped[(1,)](x, x, 1, 1.0, FLAG=False)
-    monkeypatch.setattr(tk, "_hooked", lambda hook: True)
+    monkeypatch.setattr(tk_launch, "_hooked", lambda hook: True)
     wrapped[(1,)](x, x, 1, 1.0, FLAG=False)
     assert _kinds(log) == ["jit", "jit"]
 
@@ -184,32 +179,41 @@ def test_hook_detection():
     class Chain:
         def __init__(self, calls):
             self.calls = calls
-    assert not tk._hooked(None) and not tk._hooked(Chain([]))
-    assert tk._hooked(Chain([print])) and tk._hooked(print)
+    assert not tk_launch._hooked(None) and not tk_launch._hooked(Chain([]))
+    assert tk_launch._hooked(Chain([print])) and tk_launch._hooked(print)
 
 
 @pytest.mark.parametrize("release,interpret,on", [((3, 6), False, True), ((3, 8), False, False),
                                                   ((3, 5), False, False), ((3, 6), True, False)])
 def test_replays_only_on_checked_releases(release, interpret, on, monkeypatch):
-    monkeypatch.setattr(tk, "_TRITON_RELEASE", release)
-    monkeypatch.setattr(tk, "_INTERPRET", interpret)
-    assert tk._Launch(_Jit()).enabled is on
+    monkeypatch.setattr(tk_launch, "_TRITON_RELEASE", release)
+    monkeypatch.setattr(tk_launch, "_INTERPRET", interpret)
+    assert tk_launch._Launch(_Jit()).enabled is on
 
 
 def test_every_backend_kernel_goes_through_the_launcher():
-    # The Gluon kernel is None on a Triton it is not built for (gluon_forward.MIN/MAX_TRITON).
-    kernels = [name for name, obj in vars(tk).items() if name.endswith("_kernel")
-               and not (name == "_attn_fwd_gluon_kernel" and obj is None)]
-    assert kernels and all(isinstance(getattr(tk, n), tk._Launch) for n in kernels)
-    assert (tk._attn_fwd_gluon_kernel is None) == (
-        not tk._gluon.MIN_TRITON <= tk._TRITON_RELEASE <= tk._gluon.MAX_TRITON)
+    # Every module of the package (gluon_forward holds the raw Gluon kernel, which
+    # forward wraps): each *_kernel is a _Launch, and tk.kernels() lists them all. The
+    # Gluon kernel is None on a Triton it is not built for (gluon_forward.MIN/MAX_TRITON).
+    kernels = {}
+    for info in pkgutil.iter_modules(tk.__path__):
+        if info.name == "gluon_forward":
+            continue
+        module = importlib.import_module(f"{tk.__name__}.{info.name}")
+        kernels.update((name, obj) for name, obj in vars(module).items()
+                       if name.endswith("_kernel")
+                       and not (name == "_attn_fwd_gluon_kernel" and obj is None))
+    assert kernels and all(isinstance(obj, tk_launch._Launch) for obj in kernels.values())
+    assert kernels == tk.kernels()
+    assert (forward._attn_fwd_gluon_kernel is None) == (
+        not gluon_forward.MIN_TRITON <= tk_launch._TRITON_RELEASE <= gluon_forward.MAX_TRITON)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="replays need a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
 def test_replays_match_the_jit_path(dtype, deterministic, monkeypatch):
-    launched = [obj for name, obj in vars(tk).items() if name.endswith("_kernel")]
+    launched = list(tk.kernels().values())
     if not launched[0].enabled:
         pytest.skip(f"triton {triton.__version__}: launches take the JIT path")
     leaves = ("q", "k", "v", "pe_table", "blank_k", "blank_v")

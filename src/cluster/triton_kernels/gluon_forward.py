@@ -1,12 +1,13 @@
 """The triton backend's float32 forward on explicit register layouts (Triton's Gluon).
 
 Why a second kernel language: the float32 forward multiplies on FMA units (float32 tl.dot
-is either inexact, tf32, or slower than FMAs here: tf32x3 and bf16x6 products measured in
-results/fwd-fp32-gluon-h200-2026-11-30.log), and plain Triton chooses where each element of
-a product lives. For the group forward it spreads every key row's D columns over 8 lanes,
-so each q . k sum crosses lanes and the scores change layout through shared memory before
-the softmax (results/fwd-fp32-lead-h200-2026-11-29.log). Here the layouts are stated: one
-warp per program, the 8 queries of one cluster, heads looped.
+is either inexact, tf32, or slower than FMAs here; the tf32x3 and bf16x6 variants lost:
+benchmarks/TUNING.md), and plain Triton chooses where each element of a product lives.
+For the group forward it spreads every key row's D columns over 8 lanes, so each q . k
+sum crosses lanes and the scores change layout through shared memory before the softmax.
+Here the layouts are stated: one warp per program, the 8 queries of one cluster, heads
+looped. The launch and its dispatch rule (``_gluon_blocks``) are in forward.py, beside
+the other forward kernels.
 
 * scores [8 queries, 32 slots] and outputs [8 queries, BLOCK_D]: each thread holds a 2 x 4
   block (2 queries, 4 slots / columns; two such blocks of outputs when BLOCK_D = 64), the
@@ -14,8 +15,7 @@ warp per program, the 8 queries of one cluster, heads looped.
   each thread sums its block's products in its own registers, one FFMA per product, with
   operands read from shared memory. For each term of its 8 sums a 2 x 4 block reads 2 + 4
   operands; the earlier lane-per-slot layout (8 queries x 1 slot a thread) read 8 + 1,
-  and its softmax sums crossed 32 lanes instead of 8: affmae_stage1 211 against 275 us
-  (results/fwd-fp32-gluon-layout-h200-2026-11-30.log).
+  and its softmax sums crossed 32 lanes instead of 8 (slower: benchmarks/TUNING.md).
 * the step is (head, 32-slot chunk). Its q, key and value tiles are copied from global
   memory straight into shared memory with asynchronous copies (cp.async, 16-byte
   vectors), issued one step ahead: the next step's q and keys as soon as this step's
@@ -27,7 +27,7 @@ warp per program, the 8 queries of one cluster, heads looped.
   head's step reads the bias table only.
 * the shared tiles are XOR-swizzled by row (16-byte vectors) so that the rows a warp's
   lanes read at once land in different banks: 8 key rows (4 apart), 4 query or p rows (2
-  apart). Unswizzled, the same kernel ran 383 us at affmae_stage1.
+  apart). Unswizzled, the same kernel ran much slower (benchmarks/TUNING.md).
 
 A group whose queries name different keys (never in AFF, possible with any member_idx)
 runs the same code once per query, each as the group's lead with only its own row
@@ -73,9 +73,7 @@ MAX_M = 256
 def blocks(D: int, M: int) -> tuple[int, int] | None:
     """(BLOCK_M, BLOCK_D) of the kernel, or None where it does not apply: slots come in
     chunks of 32 (longer lists loop over chunks, up to MAX_M slots) and D is at most 64
-    (AFF's heads have D = 32). Chunks of 64 slots were slower in the earlier lane-per-slot
-    layout: affmae_stage1 365 against 330 us
-    (results/fwd-fp32-gluon-async-h200-2026-11-30.log)."""
+    (AFF's heads have D = 32). Chunks of 64 slots were slower (benchmarks/TUNING.md)."""
     if D > 64 or M < 1 or M > MAX_M:
         return None
     return 32, (32 if D <= 32 else 64)
@@ -88,7 +86,7 @@ if gluon is not None:  # pragma: no cover
 
     @gluon.jit
     def _exp_ftz(x):
-        # ex2.approx.ftz: see triton_kernels._exp.
+        # ex2.approx.ftz: see common._exp.
         return gl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f",
                                          [x * 1.4426950408889634], dtype=gl.float32,
                                          is_pure=True, pack=1)
@@ -285,8 +283,8 @@ if gluon is not None:  # pragma: no cover
         q_ok = g_s < N
         m_s = gl.arange(0, BLOCK_M, layout=COL_S)
         # Does every valid slot of every query name the first query's key in that slot?
-        # (_attend then reads the rows again for its slot tables: one merged pass ran 2-4 %
-        # slower, results/fwd-fp32-gluon-layout-h200-2026-11-30.log, run 4.)
+        # (_attend then reads the rows again for its slot tables: one merged pass was
+        # slower, benchmarks/TUNING.md.)
         stray = 0
         for m0 in range(0, M, BLOCK_M):
             offs_m = m0 + m_s
