@@ -28,9 +28,11 @@ reference (max abs error). Forward is timed under torch.no_grad(); forward+backw
 the backward of a fixed random dO into q, k, v, pe_table, blank_k and blank_v.
 
 Results: <out>/<device-slug>-<YYYY-MM-DD>[-tag].json (metadata and every case), a Markdown
-file of tables beside it and, when matplotlib is installed, a PNG, all three in --out; the
-JSON and Markdown are rewritten after every shape and lists, so a run cut short keeps what
-it finished. E.g. every fast row and the FlexAttention peer on both lists, one folder:
+file of tables beside it and, when matplotlib is installed, a PNG, all three in --out
+(default benchmarks/results/runs/<that stem>/); the JSON and Markdown are rewritten after
+every shape and lists, so a run cut short keeps what it finished. --latest also copies the
+three to benchmarks/results/latest/<device-slug>.*, the files the README links.
+E.g. every fast row and the FlexAttention peer on both lists, one folder:
 
     python benchmarks/bench.py --shapes affmae_stage1,highres --backends triton,triton-det,cuda,flex \
         --lists aff,cluster --dtypes bf16,fp32 --tag r22 --out "$OUT" 2>&1 | tee "$OUT/r22.log"
@@ -65,6 +67,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
 # Benchmark the checkout this script lives in, not whichever copy happens to be installed.
 if (REPO / "src" / "cluster").is_dir():
     sys.path.insert(0, str(REPO / "src"))
@@ -754,6 +757,19 @@ def _affinity() -> str:
     return ",".join(map(str, cores))
 
 
+def copy_latest(out_dir: Path, stem: str, kind: str, latest: Path | None = None) -> list[Path]:
+    """Copy a run's .json / .md / .png to latest/<kind>.* (what the README links)."""
+    latest = latest or RESULTS / "latest"
+    latest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for ext in (".json", ".md", ".png"):
+        src = out_dir / f"{stem}{ext}"
+        if src.exists():
+            copied.append(Path(shutil.copyfile(src, latest / f"{kind}{ext}")))
+    log("copied to " + ", ".join(str(c) for c in copied))
+    return copied
+
+
 def device_slug(name: str) -> str:
     """File-name form of a device name: "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
@@ -955,7 +971,11 @@ def parse_args(argv=None):
     p.add_argument("--sweep-n", default=",".join(map(str, SWEEP_N)), help="N values of the sweep")
     p.add_argument("--sweep-dtype", default="float16", help="dtype of the sweep (default %(default)s)")
     p.add_argument("--out", default=None,
-                   help="output folder (default benchmarks/results; a new temporary folder for --smoke)")
+                   help="output folder (default benchmarks/results/runs/<device>-<date>[-tag]; "
+                        "a new temporary folder for --smoke)")
+    p.add_argument("--latest", action="store_true",
+                   help="also copy the result files to benchmarks/results/latest/<device>.* "
+                        "(a full run that replaces the one the README shows)")
     p.add_argument("--tag", default="", help="appended to the result file names, so runs of one day do not overwrite")
     p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up time per case (default %(default)s)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="timed time per case at least (default %(default)s)")
@@ -1039,11 +1059,11 @@ def main(argv=None) -> int:
     log(f"device {meta['device']} · torch {meta['torch']} · triton {meta['triton']} · "
         f"copy bandwidth {bandwidth / 1e9:.0f} GB/s · CPU cores {meta['cpu_affinity']}")
 
-    out_dir = Path(opt.out) if opt.out else (Path(tempfile.mkdtemp(prefix="cluster-bench-smoke-"))
-                                               if opt.smoke else REPO / "benchmarks" / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{device_slug(meta['device'])}-{datetime.now().strftime('%Y-%m-%d')}" + (f"-{opt.tag}" if opt.tag else "")
     stem += "-smoke" if opt.smoke else ""
+    out_dir = Path(opt.out) if opt.out else (Path(tempfile.mkdtemp(prefix="cluster-bench-smoke-"))
+                                               if opt.smoke else RESULTS / "runs" / stem)
+    out_dir.mkdir(parents=True, exist_ok=True)
     all_records: list[dict] = []
 
     def save(extra=()):
@@ -1064,6 +1084,8 @@ def main(argv=None) -> int:
     save()
     plot(all_records, out_dir / f"{stem}.png")
     log(f"wrote {out_dir / stem}.json and .md ({time.perf_counter() - t_start:.1f} s)")
+    if opt.latest:
+        copy_latest(out_dir, stem, device_slug(meta["device"]))
 
     failed = [r for r in all_records if r["status"] == "error"]
     for r in failed:

@@ -198,3 +198,18 @@ def test_smoke_runs_both_lists_and_the_flex_peer(tmp_path):
             assert r["status"] == "ok"
     md = js.with_suffix(".md").read_text()
     assert "| flex | aff | float32 |" in md and "| reference | cluster | float32 |" in md
+
+
+def test_latest_gets_a_copy_of_the_run_named_by_the_gpu_kind(tmp_path):
+    run = tmp_path / "runs" / "test-gpu-2026-12-03-r1"
+    run.mkdir(parents=True)
+    for ext, body in ((".json", "{}"), (".md", "# table")):
+        (run / f"test-gpu-2026-12-03-r1{ext}").write_text(body)
+    copied = bench.copy_latest(run, "test-gpu-2026-12-03-r1", "test-gpu", tmp_path / "latest")
+    assert sorted(p.name for p in copied) == ["test-gpu.json", "test-gpu.md"]  # no plot: skipped
+    assert (tmp_path / "latest" / "test-gpu.md").read_text() == "# table"
+
+
+def test_default_output_is_a_folder_under_runs():
+    assert bench.RESULTS.name == "results" and (bench.RESULTS / "runs").is_dir()
+    assert (bench.RESULTS / "latest").is_dir() and (bench.RESULTS / "experiments").is_dir()
