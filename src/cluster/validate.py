@@ -139,13 +139,15 @@ def main(argv=None) -> int:
                    help="comma-separated from fp32, fp16, bf16 (or float32, float16, bfloat16); "
                         "default %(default)s")
     p.add_argument("--configs", default="all",
-                   help="comma-separated config names, 'all' (suite + ragged) or 'suite'")
+                   help="comma-separated from " + ", ".join(c.name for c in (*testing.CONFIGS, *testing.RAGGED_CONFIGS))
+                        + ", or 'all' (suite + ragged) or 'suite'; default %(default)s")
     p.add_argument("--lists", default="aff,cluster",
                    help="neighbour lists, comma-separated from aff, cluster: aff (AFF's per-token "
                         "lists) at every configuration, cluster (shared lists) as extra cases "
                         "at the suite configurations; default %(default)s")
-    p.add_argument("--seed", type=int, default=2024)
-    p.add_argument("--out", default="reports", help="folder for validate.json / validate.md")
+    p.add_argument("--seed", type=int, default=2024, help="seed of the inputs (default %(default)s)")
+    p.add_argument("--out", default="reports",
+                   help="folder for validate.json / validate.md (default %(default)s)")
     args = p.parse_args(argv)
 
     device = _device()
@@ -154,10 +156,14 @@ def main(argv=None) -> int:
         configs = list(testing.CONFIGS)
     elif args.configs != "all":
         wanted = args.configs.split(",")
+        unknown = [w for w in wanted if w not in {c.name for c in configs}]
+        if unknown:
+            p.error(f"--configs: unknown {', '.join(unknown)}; expected names from "
+                    f"{', '.join(c.name for c in configs)}, or all, or suite")
         configs = [c for c in configs if c.name in wanted]
-        if len(configs) != len(wanted):
-            p.error(f"--configs: unknown name in {wanted}")
     backends = [b for b in args.backends.split(",") if b]
+    if not backends or any(b not in ops.BACKENDS for b in backends):
+        p.error(f"--backends: expected names from {', '.join(ops.BACKENDS)}, got {args.backends!r}")
     dnames = [DTYPE_NAMES.get(d, d) for d in args.dtypes.split(",") if d]
     if any(d not in DTYPES for d in dnames):
         p.error(f"--dtypes: expected names from {', '.join([*DTYPES, *DTYPE_NAMES])}, got {args.dtypes!r}")

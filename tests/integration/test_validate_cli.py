@@ -59,3 +59,21 @@ def test_both_lists_and_long_dtype_names(tmp_path):
 def test_unknown_config_is_a_usage_error(tmp_path):
     with pytest.raises(SystemExit):
         validate.main(["--configs", "no_such_config", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("bad,named", [(["--backends", "reference,foo"], "--backends"),
+                                       (["--configs", "config_1_small,nope"], "unknown nope")])
+def test_unknown_names_are_usage_errors_naming_the_option(tmp_path, capsys, bad, named):
+    with pytest.raises(SystemExit) as e:
+        validate.main([*bad, "--out", str(tmp_path)])
+    assert e.value.code == 2 and named in capsys.readouterr().err
+    assert not (tmp_path / "validate.json").exists()
+
+
+def test_help_lists_the_choices_of_every_option(capsys):
+    with pytest.raises(SystemExit):
+        validate.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for choice in ("reference", "triton", "cuda", "float32", "bf16", "config_1_small",
+                   "ragged_m5_c3", "aff", "cluster", "2024", "reports"):
+        assert choice in text, choice
