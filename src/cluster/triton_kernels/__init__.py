@@ -2,16 +2,20 @@
 
 Cluster attention is a batched gather-GEMV (every query may have its own key list), so the
 per-query kernels use elementwise-product-and-reduce tiles ``[rows, slots, BLOCK_D]``
-instead of ``tl.dot``: exact float32 (no tf32), the same code for float64. In AFF the 8
-tokens of a cluster share one key list made of whole key clusters. The group kernels check
-that at run time and then use ``tl.dot``: the group forward and the query-cluster backward
-(one program per 8 queries) gather the group's keys and values once; the key-cluster
-backward (one program per 8 keys) walks a group-level reverse map of (query group, slot
-block) pairs, each a dense 8 x 8 block of scores. All fall back to the per-query / per-key
-code for any input that does not have that layout; ``tuning.TUNING_GROUP`` (and
-``TUNING_GROUP_HEADS``) say where they are used on the GPU (16-bit). The float32 forward
-takes the Gluon kernel of gluon_forward.py (``TUNING_GLUON``; D <= 64, lists up to 256
-slots, Triton 3.6-3.8) and otherwise the group kernel's FMA path (``TUNING_GROUP_FMA``).
+instead of ``tl.dot``: exact float32 (no tf32), the same code for float64. With shared
+lists (``lists="cluster"``) the 8 tokens of a cluster share one key list made of whole key
+clusters. The group kernels check that at run time and then use ``tl.dot``: the group
+forward and the query-cluster backward (one program per 8 queries) gather the group's
+keys and values once; the key-cluster backward (one program per 8 keys) walks a
+group-level reverse map of (query group, slot block) pairs, each a dense 8 x 8 block of
+scores. Each group kernel takes only the groups (key side: the batches) that have that
+layout, and the per-query / per-key kernel launched after it takes the rest by the same
+test, on the device: AFF's own per-token lists (whole key clusters, but not shared by a
+cluster's tokens) all go to the per-query / per-key kernels. ``tuning.TUNING_GROUP`` (and
+``TUNING_GROUP_HEADS``) say where the group kernels are used on the GPU (16-bit). The
+float32 forward takes the Gluon kernel of gluon_forward.py (``TUNING_GLUON``; D <= 64,
+lists up to 256 slots, Triton 3.6-3.8) and otherwise the group kernel's FMA path
+(``TUNING_GROUP_FMA``).
 ``TUNING_MAXNREG`` caps the registers of some kernels (launch options only).
 
 Determinism: the forward, dq and the blank gradients never use atomics, so they are

@@ -1,7 +1,8 @@
 """The backward's key side: dk and dv, by the per-key kernel (each key walks the
-token-level reverse map of the queries that name it) or the key-cluster kernel (each
-cluster of 8 keys walks the group-level map of (query group, slot block) pairs, dense
-8 x 8 score blocks on tl.dot), and their launch.
+token-level reverse map of the queries that name it) and, where it is on, the
+key-cluster kernel before it (each cluster of 8 keys walks the group-level map of
+(query group, slot block) pairs, dense 8 x 8 score blocks on tl.dot; the per-key kernel
+then takes only the batches that map cannot serve), and their launch.
 
 ``_kv_group_blocks`` decides which kernel runs (``tuning.TUNING_GROUP``), ``_bwd_kv``
 launches it on the maps backward.py built (reverse_map.py). Every key's sums are plain
@@ -103,26 +104,33 @@ def _bwd_kv_batch(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, b,
 @_Launch
 @triton.jit
 def _attn_bwd_kv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE,
+    Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, NEED,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
     spet, speh,
     H, N, M, D, scale_hi, scale_lo, HPG, NHG,
     HAS_PE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_D: tl.constexpr, ACC: tl.constexpr, FTZ: tl.constexpr,
+    BLOCK_D: tl.constexpr, ACC: tl.constexpr, FTZ: tl.constexpr, HAS_NEED: tl.constexpr,
 ):
     """Key side: each program owns BLOCK_K keys and walks the queries that name them
-    (the reverse map), so dk / dv are plain stores in a fixed order."""
+    (the reverse map), so dk / dv are plain stores in a fixed order. With HAS_NEED it runs
+    after the key-cluster kernel and takes only the batches NEED flags (the ones whose
+    lists the group-level map cannot serve, e.g. AFF's per-token lists)."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h_lo, h_hi = _batch_heads(pid_bh, NHG, HPG, H)
-    offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < N
-    Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX = _bwd_kv_batch(
-        Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, b, sqb, skb, svb, sdob, H, N, M, D)
-    for h in range(h_lo, h_hi):
-        _bwd_kv_rows(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k, k_ok,
-                     sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh, N, M, D,
-                     scale_hi, scale_lo, HAS_PE, BLOCK_K, BLOCK_E, BLOCK_D, ACC, FTZ)
+    run = 1
+    if HAS_NEED:
+        run = tl.load(NEED + b)
+    if run != 0:
+        offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < N
+        Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX = _bwd_kv_batch(
+            Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, b, sqb, skb, svb, sdob, H, N, M,
+            D)
+        for h in range(h_lo, h_hi):
+            _bwd_kv_rows(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k,
+                         k_ok, sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh, N, M, D,
+                         scale_hi, scale_lo, HAS_PE, BLOCK_K, BLOCK_E, BLOCK_D, ACC, FTZ)
 
 
 @triton.jit
@@ -207,12 +215,12 @@ def _kv_cluster_tile(
 @_Launch
 @triton.jit
 def _attn_bwd_kv_cluster_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, GPERM, GPTR, BAD, PEIDX, MASK, PE,
+    Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, GPTR, BAD, PEIDX, MASK, PE,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
     spet, speh,
     H, N, M, D, scale_hi, scale_lo, HPG, NHG,
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, FTZ: tl.constexpr, ACC: tl.constexpr,
 ):
     """Key side by key cluster: one program per GROUP consecutive keys. When every query
@@ -223,13 +231,16 @@ def _attn_bwd_kv_cluster_kernel(
     scores K Q^T and dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q, all tl.dot. Every
     query row is read once per key cluster, where the per-key walk reads it once per key.
     The program's heads go HEADS at a time through one tile (_kv_cluster_tile), an odd
-    last one alone. Otherwise the program walks the token-level map."""
+    last one alone. A batch the map kernel flagged (BAD) is left to the per-key kernel
+    launched after this one."""
     kc = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h_lo, h_hi = _batch_heads(pid_bh, NHG, HPG, H)
     n_kc = tl.num_programs(0)
-    Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX = _bwd_kv_batch(
-        Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, b, sqb, skb, svb, sdob, H, N, M, D)
+    Q, K, V, DO = Q + b * sqb, K + b * skb, V + b * svb, DO + b * sdob
+    LSE, DELTA = LSE + b * H * N, DELTA + b * H * N
+    DK, DV = DK + b * H * N * D, DV + b * H * N * D
+    PEIDX += b * N * M
     MASK += b * N * M
     if tl.load(BAD + b) == 0:
         n_blocks = M // GROUP
@@ -249,13 +260,6 @@ def _attn_bwd_kv_cluster_kernel(
                                  sdoh, sdon, spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE,
                                  HAS_MASK, GROUP, 1, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ,
                                  ACC)
-    else:
-        offs_k = kc * GROUP + tl.arange(0, GROUP)
-        k_ok = offs_k < N
-        for h in range(h_lo, h_hi):
-            _bwd_kv_rows(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k,
-                         k_ok, sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh, N, M, D,
-                         scale_hi, scale_lo, HAS_PE, GROUP, BLOCK_E, BLOCK_D, ACC, FTZ)
 
 
 def _kv_group_blocks(D: int, M: int, dtype: torch.dtype):
@@ -306,19 +310,21 @@ def _bwd_kv(kv_group, q, k, v, dout, lse, delta, dk, dv, perm, ptr, gperm, gptr,
         n_kc = _cdiv(N, _GROUP)
         kv_hpg, kv_nhg = common._head_groups(n_kc, B, H, dev, kv_heads)
         _attn_bwd_kv_cluster_kernel[(n_kc, B * kv_nhg)](
-            q, k, v, dout, lse, delta, dk, dv, perm, ptr, gperm, gptr, bad,
+            q, k, v, dout, lse, delta, dk, dv, gperm, gptr, bad,
             pe_idx, mask_u8, pe_t, *kv_args, H, N, M, D, hi, lo, kv_hpg, kv_nhg,
             HAS_PE=has_pe, HAS_MASK=has_mask, GROUP=_GROUP,
-            HEADS=kv_heads, BLOCK_G=BG, BLOCK_E=BE, BLOCK_D=GBD,
+            HEADS=kv_heads, BLOCK_G=BG, BLOCK_D=GBD,
             **_dot_flags(q.dtype), FTZ=_ftz(q.dtype), ACC=_tl_acc(q.dtype),
             num_warps=gw, maxnreg=_maxnreg("bwd_kv_group", q.dtype),
         )
-    else:
-        kv_hpg, kv_nhg = common._head_groups(_cdiv(N, BK_), B, H, dev)
-        _attn_bwd_kv_kernel[(_cdiv(N, BK_), B * kv_nhg)](
-            q, k, v, dout, lse, delta, dk, dv, perm, ptr, pe_idx, pe_t, *kv_args,
-            H, N, M, D, hi, lo, kv_hpg, kv_nhg,
-            HAS_PE=has_pe, BLOCK_K=BK_, BLOCK_E=BE, BLOCK_D=KBD,
-            ACC=_tl_acc(q.dtype), FTZ=_ftz(q.dtype), num_warps=kv_warps,
-            maxnreg=_maxnreg("bwd_kv", q.dtype),
-        )
+    # Every key, or after the key-cluster kernel the batches it left (bad, decided on the
+    # device: the token-level map is built for those batches only).
+    kv_hpg, kv_nhg = common._head_groups(_cdiv(N, BK_), B, H, dev)
+    _attn_bwd_kv_kernel[(_cdiv(N, BK_), B * kv_nhg)](
+        q, k, v, dout, lse, delta, dk, dv, perm, ptr, pe_idx, pe_t,
+        bad if kv_group is not None else ptr, *kv_args,
+        H, N, M, D, hi, lo, kv_hpg, kv_nhg,
+        HAS_PE=has_pe, BLOCK_K=BK_, BLOCK_E=BE, BLOCK_D=KBD,
+        ACC=_tl_acc(q.dtype), FTZ=_ftz(q.dtype), num_warps=kv_warps,
+        maxnreg=_maxnreg("bwd_kv", q.dtype), HAS_NEED=kv_group is not None,
+    )

@@ -21,6 +21,7 @@ from .common import (
     _batch_heads,
     _cdiv,
     _chunk_logits,
+    _chunk_slots,
     _dot_flags,
     _gather_rows,
     _group_blocks,
@@ -28,6 +29,7 @@ from .common import (
     _load_slots,
     _maxnreg,
     _mma,
+    _rows_of_broken_groups,
     _tl_acc,
 )
 from .launch import _Launch
@@ -176,8 +178,11 @@ def _attn_bwd_q_kernel(
     HAS_PE: tl.constexpr, DPE_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_BLANK: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    BROKEN_ONLY: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """Query side: Delta, dq, the blank's partial sums and the bias-table gradient.
+    """Query side: Delta, dq, the blank's partial sums and the bias-table gradient. With
+    BROKEN_ONLY it runs after the query-cluster kernel, in blocks of GROUP rows, and takes
+    only the groups that do not share a key list (the other kernel took the rest).
 
     DPE_MODE 0: no table gradient; 1: float atomics into DPE [R, T, H], replica
     ``lin % R``; 2: ds written to DSBUF [B, N, M, H] for a deterministic segment sum
@@ -198,18 +203,23 @@ def _attn_bwd_q_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, IDX, PEIDX, MASK, DSBUF = _bwd_q_batch(
         Q, K, V, O, DO, DQ, LSE, DELTA, IDX, PEIDX, MASK, DSBUF, b, sqb, skb, svb, sob, sdob,
         H, N, M, D)
-    idx0, pe0, ok0, off0 = 0, 0, 0, 0
-    if ONE_CHUNK:
-        idx0, pe0, ok0, off0 = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M,
-                                           HAS_PE, HAS_MASK, BLOCK_M)
     dpe_scale = _dpe_step_scale(AMAX_DO, AMAX_V, DPE_SCALE, log2_c, (pid == 0) & (pid_bh == 0),
                                 DPE_MODE)
-    for h in range(h_lo, h_hi):
-        _bwd_q_rows(Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV, DPE, DSBUF,
-                    DBK_PART, DBV_PART, h, lin, rep, dpe_scale, offs_q, q_ok, row_off, idx0,
-                    pe0, ok0, off0, sqh, sqn, skh, skn, svh, svn, soh, son, sdoh, sdon, spet,
-                    speh, sbkh, sbvh, H, N, M, D, T, scale_hi, scale_lo, HAS_PE, DPE_MODE,
-                    HAS_MASK, HAS_BLANK, ONE_CHUNK, BLOCK_M, BLOCK_D, ACC)
+    if BROKEN_ONLY:
+        q_ok = _rows_of_broken_groups(IDX, MASK, offs_q, q_ok, M, HAS_MASK, GROUP, BLOCK_Q,
+                                      BLOCK_M)
+    if tl.max(q_ok.to(tl.int32), 0) > 0:
+        idx0, pe0, ok0, off0 = 0, 0, 0, 0
+        if ONE_CHUNK:
+            idx0, pe0, ok0, off0 = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M,
+                                               HAS_PE, HAS_MASK, BLOCK_M)
+        for h in range(h_lo, h_hi):
+            _bwd_q_rows(Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV, DPE,
+                        DSBUF, DBK_PART, DBV_PART, h, lin, rep, dpe_scale, offs_q, q_ok,
+                        row_off, idx0, pe0, ok0, off0, sqh, sqn, skh, skn, svh, svn, soh, son,
+                        sdoh, sdon, spet, speh, sbkh, sbvh, H, N, M, D, T, scale_hi, scale_lo,
+                        HAS_PE, DPE_MODE, HAS_MASK, HAS_BLANK, ONE_CHUNK, BLOCK_M, BLOCK_D,
+                        ACC)
 
 
 @_Launch
@@ -221,14 +231,15 @@ def _attn_bwd_q_cluster_kernel(
     spet, speh, sbkh, sbvh,
     H, N, M, D, T, R, scale_hi, scale_lo, HPG, NHG, log2_c,
     HAS_PE: tl.constexpr, DPE_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_BLANK: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, GEN_M: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+    HAS_BLANK: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):
     """Query side by query cluster, one program per GROUP queries: _attn_bwd_q_kernel's
-    work, but a group sharing its key list (AFF's layout) gathers the keys and values once
-    and takes the scores, dp = dout v^T and dq += ds k as tl.dot products of GROUP rows,
-    as _attn_fwd_cluster_kernel does; a group that does not
-    share falls back to the per-query path."""
+    work, but a group sharing its key list (the shared lists' layout) gathers the keys
+    and values once and takes the scores, dp = dout v^T and dq += ds k as tl.dot products
+    of GROUP rows, as _attn_fwd_cluster_kernel does. A group that does not share is left
+    to the per-query kernel launched after this one (BROKEN_ONLY, GROUP-row blocks: the
+    same partial rows of the blank's sums)."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h_lo, h_hi = _batch_heads(pid_bh, NHG, HPG, H)
@@ -278,15 +289,6 @@ def _attn_bwd_q_cluster_kernel(
             dq = dq * scale_hi + dq * scale_lo
             tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
                      dq.to(DQ.dtype.element_ty), mask=qd_ok)
-    else:
-        offs_g = pid * GROUP + tl.arange(0, GROUP)
-        g_ok = offs_g < N
-        for h in range(h_lo, h_hi):
-            _bwd_q_rows(Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV, DPE,
-                        DSBUF, DBK_PART, DBV_PART, h, lin, rep, dpe_scale, offs_g, g_ok,
-                        offs_g * M, 0, 0, 0, 0, sqh, sqn, skh, skn, svh, svn, soh, son, sdoh,
-                        sdon, spet, speh, sbkh, sbvh, H, N, M, D, T, scale_hi, scale_lo,
-                        HAS_PE, DPE_MODE, HAS_MASK, HAS_BLANK, False, GEN_M, BLOCK_D, ACC)
 
 
 # =========================================================================== launch
@@ -294,11 +296,15 @@ def _attn_bwd_q_cluster_kernel(
 
 def _blocks(N: int, D: int, M: int, dtype):
     """How the query side runs: (the query-cluster kernel's blocks or None, the per-query
-    kernel's (rows, slots, BLOCK_D, num_warps) or None, row blocks per batch)."""
+    kernel's (rows, slots, BLOCK_D, num_warps), row blocks per batch). After the
+    query-cluster kernel the per-query one takes blocks of _GROUP rows, so that both have
+    one program, and one partial row of the blank's sums, per group."""
     q_group = _group_blocks(D, M, dtype, "bwd_q")
-    if q_group is not None:
-        return q_group, None, _cdiv(N, _GROUP)
     rows = _attn_blocks(D, M, dtype, "bwd_q")
+    if q_group is not None:
+        if rows[0] != _GROUP:
+            rows = (_GROUP, _chunk_slots("bwd_q", dtype, _GROUP, rows[2], M), *rows[2:])
+        return q_group, rows, _cdiv(N, _GROUP)
     return None, rows, _cdiv(N, rows[0])
 
 
@@ -311,10 +317,7 @@ def _bwd_q(blocks, hpg, nhg, q, k, v, out, dout, lse, delta, dq, idx, pe_idx, ma
     B, H, N, D = q.shape
     M = idx.shape[-1]
     q_group, rows, n_qblocks = blocks
-    if q_group is not None:
-        BM, BD, _heads, GM, warps = q_group
-    else:
-        BQ, BM, BD, warps = rows
+    BQ, RM, RD, r_warps = rows
     q_args = (
         q, k, v, out, dout, lse, delta, dq, idx, pe_idx, mask_u8, pe_t, bk, bv,
         dpe if dpe is not None else delta, dsbuf if dsbuf is not None else delta,
@@ -327,15 +330,17 @@ def _bwd_q(blocks, hpg, nhg, q, k, v, out, dout, lse, delta, dq, idx, pe_idx, ma
         H, N, M, D, T, n_rep, hi, lo, hpg, nhg, log2_c,
     )
     q_flags = dict(HAS_PE=has_pe, DPE_MODE=dpe_mode, HAS_MASK=has_mask, HAS_BLANK=has_blank,
-                   BLOCK_M=BM, BLOCK_D=BD, ACC=_tl_acc(q.dtype), num_warps=warps)
+                   ACC=_tl_acc(q.dtype))
     if q_group is not None:
+        BM, BD, _heads, warps = q_group
         _attn_bwd_q_cluster_kernel[(n_qblocks, B * nhg)](
-            *q_args, **q_flags, GROUP=_GROUP, GEN_M=GM,
-            **_dot_flags(q.dtype), num_stages=tuning.GROUP_BWDQ_STAGES,
+            *q_args, **q_flags, GROUP=_GROUP, BLOCK_M=BM, BLOCK_D=BD,
+            **_dot_flags(q.dtype), num_warps=warps, num_stages=tuning.GROUP_BWDQ_STAGES,
             maxnreg=_maxnreg("bwd_q_group", q.dtype),
         )
-    else:
-        _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
-            *q_args, **q_flags, ONE_CHUNK=BM >= M, BLOCK_Q=BQ,
-            maxnreg=_maxnreg("bwd_q", q.dtype),
-        )
+    # Every row, or after the query-cluster kernel the groups it left (BROKEN_ONLY).
+    _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
+        *q_args, **q_flags, ONE_CHUNK=RM >= M, BLOCK_Q=BQ, BLOCK_M=RM, BLOCK_D=RD,
+        num_warps=r_warps, maxnreg=_maxnreg("bwd_q", q.dtype),
+        BROKEN_ONLY=q_group is not None, GROUP=_GROUP,
+    )

@@ -147,7 +147,7 @@ def _dot_flags(dtype: torch.dtype) -> dict:
 
 
 def _group_blocks(D: int, M: int, dtype: torch.dtype, kind: str = "fwd"):
-    """(BLOCK_M, BLOCK_D, heads per tile, fallback slots per chunk, num_warps) of the group
+    """(BLOCK_M, BLOCK_D, heads per tile, num_warps) of the group
     forward (kind "fwd") or query-cluster backward ("bwd_q"), or None for the per-query
     kernel: key list too long for one tile, the group kernel off in TUNING_GROUP for this
     dtype, or float64 on a GPU
@@ -164,7 +164,7 @@ def _group_blocks(D: int, M: int, dtype: torch.dtype, kind: str = "fwd"):
     heads = tuning.TUNING_GROUP_HEADS.get(kind, 1)
     if block_m * block_d * heads > tuning.GROUP_TILE // (2 if dtype == torch.float64 else 1):
         heads = 1  # the k / v tiles hold every head's columns
-    return block_m, block_d, heads, _chunk_slots(kind, dtype, _GROUP, block_d, M), warps
+    return block_m, block_d, heads, warps
 
 
 # =========================================================================== jit building blocks
@@ -270,3 +270,27 @@ def _group_slots(IDX, PEIDX, MASK, pid, N, M, HAS_PE: tl.constexpr, HAS_MASK: tl
     # A slot's key row is read if any query of the group uses the slot.
     live = tl.max(ok.to(tl.int32), 0) > 0
     return offs_q, q_ok, pe, ok, lead, live, stray == 0
+
+
+@triton.jit
+def _rows_of_broken_groups(IDX, MASK, offs_q, q_ok, M, HAS_MASK: tl.constexpr,
+                           GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Which rows of a block of BLOCK_Q queries (a multiple of GROUP, starting at a multiple
+    of GROUP) belong to a group that does not share one key list: _group_slots' test,
+    BLOCK_M slots at a time, so that a group kernel and a per-query kernel launched after it
+    split the groups between them exactly (the group kernel takes the shared ones)."""
+    lead_row = (offs_q // GROUP) * GROUP * M
+    stray = tl.zeros([BLOCK_Q], tl.int32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        in_m = q_ok[:, None] & (offs_m[None, :] < M)
+        off = offs_q[:, None] * M + offs_m[None, :]
+        idx = tl.load(IDX + off, mask=in_m, other=0)
+        ok = in_m
+        if HAS_MASK:
+            ok = ok & (tl.load(MASK + off, mask=in_m, other=0) != 0)
+        lead = tl.load(IDX + lead_row[:, None] + offs_m[None, :], mask=in_m, other=0)
+        stray = tl.maximum(stray, tl.max((ok & (idx != lead)).to(tl.int32), 1))
+    per_group = tl.max(tl.reshape(stray, (BLOCK_Q // GROUP, GROUP)), 1)
+    rows = tl.reshape(tl.broadcast_to(per_group[:, None], (BLOCK_Q // GROUP, GROUP)), (BLOCK_Q,))
+    return q_ok & (rows > 0)

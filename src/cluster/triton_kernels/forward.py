@@ -6,9 +6,12 @@ Read ``_attn_forward`` (at the bottom) first: per call it takes, in this order,
 * else the group kernel ``_attn_fwd_cluster_kernel`` where ``common._group_blocks`` (and
   ``tuning.TUNING_GROUP``) turns it on: one program per cluster of 8 queries, their
   shared key list gathered once, scores and outputs as tl.dot products (16-bit) or as FMA
-  products (float32, ``tuning.TUNING_GROUP_FMA``); groups that do not share a list fall
-  back to the per-query rows inside the same kernel,
+  products (float32, ``tuning.TUNING_GROUP_FMA``),
 * else the per-query kernel ``_attn_fwd_kernel`` (any member_idx).
+The Gluon and group kernels compute only the groups of 8 queries that share one key list;
+the per-query kernel runs after them (``BROKEN_ONLY``) for the rest, each group's test
+being the same in both, so that no host sync decides between them: on AFF's per-token
+lists every group is left to it, on shared lists none.
 All three write the output and the log-sum-exp (+inf on rows with nothing valid) that
 the backward reads.
 """
@@ -42,6 +45,7 @@ from .common import (
     _maxnreg,
     _mma,
     _np2,
+    _rows_of_broken_groups,
     _scale,
     _split_scale,
     _tl_acc,
@@ -149,7 +153,11 @@ def _attn_fwd_kernel(
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BLANK: tl.constexpr,
     ONE_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, ACC: tl.constexpr, FTZ: tl.constexpr,
+    BROKEN_ONLY: tl.constexpr, GROUP: tl.constexpr,
 ):
+    """Each query gathers its own keys: any member_idx. With BROKEN_ONLY it runs after a
+    group kernel and takes only the rows of groups that do not share a key list (the group
+    kernel took the others): AFF's per-token lists are all such groups."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h_lo, h_hi = _batch_heads(pid_bh, NHG, HPG, H)
@@ -164,17 +172,20 @@ def _attn_fwd_kernel(
     V += b * svb
     O += b * sob
     LSE += b * H * N
-
-    # The slot metadata is shared by all heads: when one chunk covers M, read it once.
-    idx0, pe0, ok0 = 0, 0, 0
-    if ONE_CHUNK:
-        idx0, pe0, ok0, _o = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M,
-                                         HAS_PE, HAS_MASK, BLOCK_M)
-    for h in range(h_lo, h_hi):
-        _fwd_rows(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_q, q_ok, row_off,
-                  idx0, pe0, ok0, sqh, sqn, skh, skn, svh, svn, soh, son, spet, speh,
-                  sbkh, sbvh, N, M, D, scale_hi, scale_lo, 0, HAS_PE, HAS_MASK, HAS_BLANK,
-                  ONE_CHUNK, BLOCK_Q, BLOCK_M, BLOCK_D, ACC, FTZ, False)
+    if BROKEN_ONLY:
+        q_ok = _rows_of_broken_groups(IDX, MASK, offs_q, q_ok, M, HAS_MASK, GROUP, BLOCK_Q,
+                                      BLOCK_M)
+    if tl.max(q_ok.to(tl.int32), 0) > 0:
+        # The slot metadata is shared by all heads: when one chunk covers M, read it once.
+        idx0, pe0, ok0 = 0, 0, 0
+        if ONE_CHUNK:
+            idx0, pe0, ok0, _o = _load_slots(IDX, PEIDX, MASK, row_off, q_ok, 0, M,
+                                             HAS_PE, HAS_MASK, BLOCK_M)
+        for h in range(h_lo, h_hi):
+            _fwd_rows(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_q, q_ok,
+                      row_off, idx0, pe0, ok0, sqh, sqn, skh, skn, svh, svn, soh, son, spet,
+                      speh, sbkh, sbvh, N, M, D, scale_hi, scale_lo, 0, HAS_PE, HAS_MASK,
+                      HAS_BLANK, ONE_CHUNK, BLOCK_Q, BLOCK_M, BLOCK_D, ACC, FTZ, False)
 
 
 @_Launch
@@ -186,7 +197,7 @@ def _attn_fwd_cluster_kernel(
     H, N, M, D, scale_hi, scale_lo, HPG, NHG,
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BLANK: tl.constexpr,
     GROUP: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr, GEN_M: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     FTZ: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, LEAD_M: tl.constexpr,
 ):
     """One program per GROUP consecutive queries. AFF gives all tokens of a cluster the
@@ -198,8 +209,9 @@ def _attn_fwd_cluster_kernel(
     The columns are HEADS blocks of BLOCK_D, q is
     block-diagonal (row r nonzero in its head's block only) and k, v hold each head's rows
     in its block, so q k^T gives every row its own head's scores and p v its own head's
-    output in its block. A group whose queries name different keys falls back to the
-    per-query path (_fwd_rows), so any member_idx stays correct. With DOT off (float32,
+    output in its block. A group whose queries name different keys is left to the
+    per-query kernel launched after this one (BROKEN_ONLY), so any member_idx stays
+    correct. With DOT off (float32,
     TUNING_GROUP_FMA) a shared group takes _fwd_rows' LEAD path instead: one gather per
     chunk of LEAD_M slots as here, the products on FMA units."""
     pid = tl.program_id(0)
@@ -281,12 +293,6 @@ def _attn_fwd_cluster_kernel(
                 acc += pb[:, None] * bv[None, :]
             _fwd_store(O, LSE, (h + hr) * soh + offs_q * son, (h + hr) * N + offs_q, r_ok,
                        dc, rd_ok, acc, m_use, l_i)
-    else:
-        for h in range(h_lo, h_hi):
-            _fwd_rows(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h, offs_g, g_ok,
-                      offs_g * M, 0, 0, 0, sqh, sqn, skh, skn, svh, svn, soh, son, spet, speh,
-                      sbkh, sbvh, N, M, D, scale_hi, scale_lo, 0, HAS_PE, HAS_MASK,
-                      HAS_BLANK, False, GROUP, GEN_M, BLOCK_D, ACC, FTZ, False)
 
 
 # The Gluon kernel, launched like the others (build_check records and compiles it too);
@@ -368,22 +374,24 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
                 maxnreg=_maxnreg("fwd_gluon", q.dtype),
             )
         elif grouped is not None:
-            BM, BD, heads, GM, warps = grouped
+            BM, BD, heads, warps = grouped
             fma = tuning.TUNING_GROUP_FMA.get(("fwd", _width(q.dtype)), False)
             hpg, nhg = common._head_groups(n_groups, B, H, q.device, heads)
             _attn_fwd_cluster_kernel[(n_groups, B * nhg)](
                 *args, H, N, M, D, hi, lo, hpg, nhg, **flags, GROUP=_GROUP,
-                HEADS=heads, BLOCK_M=BM, BLOCK_D=BD, GEN_M=GM, **_dot_flags(q.dtype),
+                HEADS=heads, BLOCK_M=BM, BLOCK_D=BD, **_dot_flags(q.dtype),
                 DOT=not fma, LEAD_M=_lead_slots(BD, M, q.dtype) if fma else 1,
                 FTZ=_ftz(q.dtype), num_warps=warps, num_stages=tuning.GROUP_FWD_STAGES,
                 maxnreg=_maxnreg("fwd_group", q.dtype),
             )
-        else:
-            BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "fwd")
-            hpg, nhg = common._head_groups(_cdiv(N, BQ), B, H, q.device)
-            _attn_fwd_kernel[(_cdiv(N, BQ), B * nhg)](
-                *args, H, N, M, D, hi, lo, hpg, nhg, **flags, ONE_CHUNK=BM >= M,
-                BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, FTZ=_ftz(q.dtype), num_warps=warps,
-                maxnreg=_maxnreg("fwd", q.dtype),
-            )
+        # The per-query kernel: every row, or after a group kernel the rows of the
+        # groups it left (BROKEN_ONLY).
+        BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "fwd")
+        hpg, nhg = common._head_groups(_cdiv(N, BQ), B, H, q.device)
+        _attn_fwd_kernel[(_cdiv(N, BQ), B * nhg)](
+            *args, H, N, M, D, hi, lo, hpg, nhg, **flags, ONE_CHUNK=BM >= M,
+            BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, FTZ=_ftz(q.dtype), num_warps=warps,
+            maxnreg=_maxnreg("fwd", q.dtype),
+            BROKEN_ONLY=gluon is not None or grouped is not None, GROUP=_GROUP,
+        )
     return out, lse

@@ -29,9 +29,9 @@ the other forward kernels.
   lanes read at once land in different banks: 8 key rows (4 apart), 4 query or p rows (2
   apart). Unswizzled, the same kernel ran much slower (benchmarks/TUNING.md).
 
-A group whose queries name different keys (never in AFF, possible with any member_idx)
-runs the same code once per query, each as the group's lead with only its own row
-selected: 8 times the work for such groups, the per-query kernels' cost.
+A group whose queries name different keys (every group of AFF's per-token lists; none of
+the shared lists) is left to the per-query kernel that runs after this one, which picks
+those groups by the same test.
 
 Gluon has no CPU interpreter: the CPU suite runs the triton kernels, and the GPU suite runs
 this one wherever the float32 forward does (tests/forward/test_gluon_forward.py, and every
@@ -318,13 +318,5 @@ if gluon is not None:  # pragma: no cover
                     sbkh, sbvh, N, M, D, scale_hi, scale_lo, p_smem, lead_smem, okpe_smem,
                     q_smem, k_smem, v_smem, HAS_PE, HAS_MASK, HAS_BLANK, BLOCK_M, BLOCK_D,
                     NCH, DC, KC, LS, LT)
-        else:
-            # Queries with lists of their own: each one in turn, as the group's lead (the
-            # other rows' products are computed and dropped). Only rows < N: a lead past
-            # N would read past the batch's member_idx.
-            for gi in range(0, gl.minimum(G, N - pid * G)):
-                _attend(Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, h_lo, h_hi, pid,
-                        (pid * G + gi) * M, q_ok & (rows == gi), sqh, sqn, skh, skn, svh,
-                        svn, soh, son, spet, speh, sbkh, sbvh, N, M, D, scale_hi, scale_lo,
-                        p_smem, lead_smem, okpe_smem, q_smem, k_smem, v_smem, HAS_PE,
-                        HAS_MASK, HAS_BLANK, BLOCK_M, BLOCK_D, NCH, DC, KC, LS, LT)
+        # A group whose queries have lists of their own is left to the per-query kernel
+        # that _attn_forward launches after this one (the same test picks those groups).
