@@ -30,6 +30,7 @@ from .common import (
     _maxnreg,
     _mma,
     _rows_of_broken_groups,
+    _test_slots,
     _tl_acc,
 )
 from .launch import _Launch
@@ -178,7 +179,7 @@ def _attn_bwd_q_kernel(
     HAS_PE: tl.constexpr, DPE_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_BLANK: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-    BROKEN_ONLY: tl.constexpr, GROUP: tl.constexpr,
+    BROKEN_ONLY: tl.constexpr, GROUP: tl.constexpr, TEST_M: tl.constexpr,
 ):
     """Query side: Delta, dq, the blank's partial sums and the bias-table gradient. With
     BROKEN_ONLY it runs after the query-cluster kernel, in blocks of GROUP rows, and takes
@@ -207,7 +208,7 @@ def _attn_bwd_q_kernel(
                                 DPE_MODE)
     if BROKEN_ONLY:
         q_ok = _rows_of_broken_groups(IDX, MASK, offs_q, q_ok, M, HAS_MASK, GROUP, BLOCK_Q,
-                                      BLOCK_M)
+                                      TEST_M)
     if tl.max(q_ok.to(tl.int32), 0) > 0:
         idx0, pe0, ok0, off0 = 0, 0, 0, 0
         if ONE_CHUNK:
@@ -342,5 +343,5 @@ def _bwd_q(blocks, hpg, nhg, q, k, v, out, dout, lse, delta, dq, idx, pe_idx, ma
     _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
         *q_args, **q_flags, ONE_CHUNK=RM >= M, BLOCK_Q=BQ, BLOCK_M=RM, BLOCK_D=RD,
         num_warps=r_warps, maxnreg=_maxnreg("bwd_q", q.dtype),
-        BROKEN_ONLY=q_group is not None, GROUP=_GROUP,
+        BROKEN_ONLY=q_group is not None, GROUP=_GROUP, TEST_M=_test_slots(M),
     )

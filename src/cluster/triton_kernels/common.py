@@ -89,6 +89,13 @@ def _attn_blocks(D: int, M: int, dtype: torch.dtype, kind: str):
     return rows, _chunk_slots(kind, dtype, rows, block_d, M), block_d, warps
 
 
+def _test_slots(M: int) -> int:
+    """Slots per chunk of _rows_of_broken_groups: the whole list in one load where it fits
+    (a per-query kernel after a group kernel mostly only tests, and a loop of small chunks
+    waits on memory once per chunk)."""
+    return min(_np2(M), 256)
+
+
 def _maxnreg(kernel: str, dtype: torch.dtype) -> int | None:
     return tuning.TUNING_MAXNREG.get((kernel, _width(dtype)))
 

@@ -48,6 +48,7 @@ from .common import (
     _rows_of_broken_groups,
     _scale,
     _split_scale,
+    _test_slots,
     _tl_acc,
     _width,
 )
@@ -153,7 +154,7 @@ def _attn_fwd_kernel(
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BLANK: tl.constexpr,
     ONE_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, ACC: tl.constexpr, FTZ: tl.constexpr,
-    BROKEN_ONLY: tl.constexpr, GROUP: tl.constexpr,
+    BROKEN_ONLY: tl.constexpr, GROUP: tl.constexpr, TEST_M: tl.constexpr,
 ):
     """Each query gathers its own keys: any member_idx. With BROKEN_ONLY it runs after a
     group kernel and takes only the rows of groups that do not share a key list (the group
@@ -174,7 +175,7 @@ def _attn_fwd_kernel(
     LSE += b * H * N
     if BROKEN_ONLY:
         q_ok = _rows_of_broken_groups(IDX, MASK, offs_q, q_ok, M, HAS_MASK, GROUP, BLOCK_Q,
-                                      BLOCK_M)
+                                      TEST_M)
     if tl.max(q_ok.to(tl.int32), 0) > 0:
         # The slot metadata is shared by all heads: when one chunk covers M, read it once.
         idx0, pe0, ok0 = 0, 0, 0
@@ -393,5 +394,6 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
             BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, FTZ=_ftz(q.dtype), num_warps=warps,
             maxnreg=_maxnreg("fwd", q.dtype),
             BROKEN_ONLY=gluon is not None or grouped is not None, GROUP=_GROUP,
+            TEST_M=_test_slots(M),
         )
     return out, lse
