@@ -3,13 +3,13 @@
 Main job:   nox -s validate        every backend present vs the float64 reference, one table
 Tests:      nox -s tests-3.11      the suite (pytest-xdist), posargs go to pytest
 Others:     coverage, lint, build, build-check, build-check-latest, check-compile, gpu, bench,
-            compat, compat-latest, compat-diff
+            compat, compat-latest, compat-diff, mutants (not run by default)
 
 torch / triton versions come from ONE place: TORCH_VERSION / TRITON_VERSION below, each
 overridable by the environment variables CLUSTER_TORCH / CLUSTER_TRITON. On a host without a
 GPU the sessions set TRITON_INTERPRET=1 themselves, so the Triton kernels run on the CPU.
 GPU hosts are often offline: there (nvidia-smi found) or with CLUSTER_NOX_NO_VENV=1, the
-sessions validate, build, gpu and bench use the current environment and install nothing.
+sessions validate, build, gpu, bench and mutants use the current environment and install nothing.
 """
 
 from __future__ import annotations
@@ -206,6 +206,15 @@ def validate(session: nox.Session) -> None:
     """The main job: every backend here vs float64; table + reports/validate.{json,md}."""
     _install(session)
     session.run("python", "-m", "cluster.validate", *session.posargs, env=_env())
+
+
+@nox.session(python="3.11", venv_backend=LOCAL_BACKEND, default=False)
+def mutants(session: nox.Session) -> None:
+    """Plant each bug of tests/mutants/catalogue.py in a copy of src/ and fail unless some test catches every one."""
+    # Writes reports/mutants.{md,json}; posargs go to tests/mutants/run.py (--only ID,
+    # --no-baseline, --timeout S, --list). About 12 minutes on 2 cores.
+    _install(session)
+    session.run("python", "-m", "tests.mutants.run", *session.posargs, env=_env())
 
 
 @nox.session(python=False)
