@@ -184,8 +184,10 @@ def _expect_param(name: str, x: torch.Tensor, shape: tuple, what: str, q: torch.
     _expect_device(name, x, q.device)
     # Parameters may stay in float32 next to low-precision activations (autocast keeps
     # them so); anything else would be a silent cast and is refused.
-    if x.dtype != q.dtype and x.dtype != torch.float32:
-        raise TypeError(f"{name}: expected dtype {q.dtype} (that of q) or torch.float32, got {x.dtype}")
+    low = q.dtype in (torch.float16, torch.bfloat16)
+    if x.dtype != q.dtype and not (low and x.dtype == torch.float32):
+        also = " or torch.float32" if low else ""
+        raise TypeError(f"{name}: expected dtype {q.dtype} (that of q){also}, got {x.dtype}")
 
 
 def check_inputs(
