@@ -85,14 +85,16 @@ def skip_slow_on_cpu(device, backend: str, cfg, lists: str) -> None:
 
 @pytest.fixture
 def group_kernels_on():
-    """Every group kernel of the triton backend on, in every dtype: TUNING_GROUP has the
+    """Every group and union kernel of the triton backend on, in every dtype: TUNING_GROUP has the
     backward ones off for float32 (and float64, which uses the float32 entries), and in the
     interpreter the forward too (its FMA path, TUNING_GROUP_FMA, is the GPU's float32
     default), so the tests of those kernels switch them on here."""
     from cluster.triton_kernels import tuning
 
     with tuning.override(TUNING_GROUP={key: warps or 2
-                                       for key, warps in tuning.TUNING_GROUP.items()}):
+                                       for key, warps in tuning.TUNING_GROUP.items()},
+                         TUNING_UNION={key: warps or 1
+                                       for key, warps in tuning.TUNING_UNION.items()}):
         yield
 
 

@@ -258,10 +258,34 @@ def clustered_member_idx(B: int, N: int, M: int, *, group: int,
     return idx.contiguous(), valid.contiguous()
 
 
+def per_token_cluster_idx(B: int, N: int, M: int, *, group: int, pool: int,
+                          generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """AFF's per-token layout with random neighbours: each query lists ``M // group`` whole
+    key clusters of its own (distinct, in random order), drawn from a pool of ``pool``
+    clusters per run of ``group`` queries, so that a run's union has at most ``pool``
+    clusters. Returns (member_idx [B, N, M], valid [B, N, M]); a short last cluster's
+    missing tokens point at N - 1 and are invalid, as in ``build_neighborhoods``."""
+    J = M // group
+    if pool < J:
+        raise ValueError(f"pool: expected at least M // group = {J} clusters, got {pool}")
+    n_groups = -(-N // group)
+    pools = torch.stack([torch.randperm(n_groups, generator=generator)[:pool]
+                         for _ in range(B * n_groups)]) if pool <= n_groups else \
+        torch.randint(0, n_groups, (B * n_groups, pool), generator=generator)
+    pools = pools.reshape(B, n_groups, pool)
+    pick = torch.argsort(torch.rand(B, n_groups * group, pool, generator=generator), dim=-1)[..., :J]
+    clusters = torch.gather(pools.repeat_interleave(group, dim=1), 2, pick)[:, :N]
+    tok = clusters[..., None] * group + torch.arange(group)
+    valid = tok < N
+    tok = torch.where(valid, tok, torch.full_like(tok, N - 1))
+    return tok.reshape(B, N, M).contiguous(), valid.reshape(B, N, M).contiguous()
+
+
 def random_case(B: int, H: int, N: int, D: int, M: int, *, seed: int, device="cpu", T: int = 7,
                 pe: bool = True, mask: bool = True, blank: bool = True, dup: bool = True,
                 empty_rows: bool = False, index_dtype: torch.dtype = torch.int64,
-                group: int = 0, stray_every: int = 0, whole_clusters: bool = False) -> dict:
+                group: int = 0, stray_every: int = 0, whole_clusters: bool = False,
+                per_token_pool: int = 0) -> dict:
     """Random float64 kernel-test inputs (dict of the op's arguments by name): member_idx
     with duplicates (a quarter of the slots repeat slot 0's key), masks with ~20 % of the
     slots off, and with ``empty_rows`` every fourth query fully masked.
@@ -270,7 +294,9 @@ def random_case(B: int, H: int, N: int, D: int, M: int, *, seed: int, device="cp
     masks and pe_idx, and no per-query duplicates; ``stray_every`` breaks the sharing of
     every such group (see grouped_member_idx). whole_clusters: lists of whole key clusters
     as AFF builds them (clustered_member_idx), the layout of the key-cluster backward; a
-    short last cluster's slots are masked."""
+    short last cluster's slots are masked. per_token_pool > 0: each query's own whole
+    clusters from a pool of that many per cluster of queries (per_token_cluster_idx), the
+    layout of AFF's per-token lists that the union kernels take."""
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape, s=1.0):
@@ -279,7 +305,10 @@ def random_case(B: int, H: int, N: int, D: int, M: int, *, seed: int, device="cp
     q, k, v = randn(B, H, N, D), randn(B, H, N, D), randn(B, H, N, D)
     idx = torch.randint(0, N, (B, N, M), generator=g)
     pad_valid = None
-    if whole_clusters:
+    if per_token_pool:
+        idx, pad_valid = per_token_cluster_idx(B, N, M, group=8, pool=per_token_pool,
+                                               generator=g)
+    elif whole_clusters:
         idx, pad_valid = clustered_member_idx(B, N, M, group=8, generator=g)
     elif group:
         idx = grouped_member_idx(B, N, M, group=group, generator=g, stray_every=stray_every)

@@ -218,10 +218,11 @@ KEY_CLUSTER_SHAPES = [
 
 
 def _group_map(case):
+    """(gperm, gptr, bad) of the key side's group-level map of a case."""
     mask = case["mask"]
     return reverse_map._group_reverse_map(
         case["member_idx"].contiguous(),
-        None if mask is None else mask.contiguous().view(torch.uint8), case["q"].shape[2])
+        None if mask is None else mask.contiguous().view(torch.uint8), case["q"].shape[2])[1:]
 
 
 @pytest.mark.usefixtures("group_kernels_on")
@@ -363,8 +364,9 @@ def test_key_cluster_gradcheck_fp64(deterministic):
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["sorted", "counted"])
 def test_group_key_map_lists_and_flags(deterministic):
-    # The deterministic mode's map lists each cluster's pairs in order (a stable sort); the
-    # fast mode's (a counting sort) the same pairs in any order.
+    # The key side's map lists, per key cluster, the (query group, union entry) pairs whose
+    # entry names it; the deterministic mode's (a stable sort) in order, the fast mode's (a
+    # counting sort) the same pairs in any order.
     B, N, M = 2, 37, 24
     g = torch.Generator().manual_seed(28)
     idx, valid = testing.clustered_member_idx(B, N, M, group=8, generator=g)
@@ -380,40 +382,34 @@ def test_group_key_map_lists_and_flags(deterministic):
         got = gperm[b, int(gptr[b, c]):int(gptr[b, c + 1])].tolist()
         return got if deterministic else sorted(got)
 
-    gperm, gptr, bad = group_map(idx, live)
+    umap, gperm, gptr, bad = group_map(idx, live)
     assert bad.tolist() == [0, 0]
-    n_groups, J = 5, 3
+    n_groups, ucap = 5, umap.ucap
     for b in range(B):
         want = [[] for _ in range(n_groups)]
         for gi in range(n_groups):
-            for j in range(J):
-                if live[b, gi * 8:(gi + 1) * 8, j * 8:(j + 1) * 8].any():
-                    want[int(idx[b, gi * 8, j * 8]) // 8].append(gi * J + j)
+            for u in range(ucap):
+                c = int(umap.uc[b, gi, u])
+                if c >= 0:
+                    want[c].append(gi * ucap + u)
         got = [listed(gperm, gptr, b, c) for c in range(n_groups)]
         assert got == want
         assert int(gptr[b, 0]) == 0 and int(gptr[b, -1]) == sum(map(len, want))
-    # Two slot blocks of one group naming the same key cluster: both entries, in order.
-    dup = idx.clone()
-    dup[1, 8:16, 8:16] = dup[1, 8:16, 0:8]
-    gperm, gptr, bad = group_map(dup, valid)
-    c = int(dup[1, 8, 0]) // 8
-    got = listed(gperm, gptr, 1, c)
-    assert bad.tolist() == [0, 0] and got.count(3) == 1 and got.count(4) == 1, got
-    assert int(gptr[1, -1]) == n_groups * J
-    # A group whose queries differ, a block out of cluster order, an index out of range:
-    # each flags its batch (and only it); masked slots may hold anything. Without the
-    # padding mask the short last cluster's slots (all naming N - 1) are out of order.
-    assert group_map(idx, None)[2].tolist() == [1, 1]
+    # A block out of cluster order, an index out of range, a query whose block straddles
+    # two clusters: each flags its batch (and only it); masked slots may hold anything.
+    # Without the padding mask the short last cluster's slots (all naming N - 1) are out
+    # of order.
+    assert group_map(idx, None)[3].tolist() == [1, 1]
     cases = {"stray": (0, 9, 2, lambda x: (x + 8) % N), "order": (0, 0, 1, lambda x: x ^ 1),
              "range": (0, 0, 5, lambda x: x + 10 * N)}
     for why, (b, q, s, f) in cases.items():
         broken = idx.clone()
         rows = slice(q, q + 1) if why == "stray" else slice(q, q + 8)
         broken[b, rows, s] = f(broken[b, rows, s])
-        assert group_map(broken, valid)[2].tolist() == [1, 0], why
+        assert group_map(broken, valid)[3].tolist() == [1, 0], why
         hidden = valid.clone()
         hidden[b, rows, s] = False
-        assert group_map(broken, hidden)[2].tolist() == [0, 0], why
+        assert group_map(broken, hidden)[3].tolist() == [0, 0], why
 
 
 def test_deterministic_is_bitwise_reproducible():

@@ -25,6 +25,9 @@ class Mutant:
 
 
 # ----------------------------------------------------------------- test selections
+# The union map and kernels (AFF's per-token lists of whole clusters), against Python and
+# the float64 reference.
+UNION = ("tests/backward/test_union.py",)
 DOC = "tests/integration/test_documented_behaviour.py"
 NEIGHBORS = ("tests/integration/test_neighbors.py", "tests/integration/test_neighborhood_lists.py",
              DOC, "-k", "not keops and not cuda")
@@ -239,7 +242,8 @@ CATALOGUE: tuple[Mutant, ...] = (
            TRITON_BWD),
     Mutant("triton-bwd-group-dq-from-p", TK + "backward_q.py",
            "query-cluster (group) backward: dq accumulates p k instead of ds k",
-           "dq += _mma(ds.to(k.dtype), k, UPCAST).to(ACC)", "dq += _mma(p.to(k.dtype), k, UPCAST).to(ACC)",
+           "dq += _mma(ds.to(k.dtype), k, UPCAST).to(ACC)\n            _bwd_q_dpe(",
+           "dq += _mma(p.to(k.dtype), k, UPCAST).to(ACC)\n            _bwd_q_dpe(",
            GROUP_BWD_Q),
     Mutant("triton-bwd-kv-dv-from-ds", TK + "backward_kv.py",
            "per-key backward: dv accumulates ds dout instead of p dout",
@@ -253,6 +257,24 @@ CATALOGUE: tuple[Mutant, ...] = (
            "key-cluster (group) backward: dv accumulates ds dout instead of p dout",
            "dv += _mma(p.to(dot.dtype), dot, UPCAST).to(ACC)", "dv += _mma(ds.to(dot.dtype), dot, UPCAST).to(ACC)",
            KEY_CLUSTER),
+    Mutant("triton-union-map-duplicates-merged", TK + "union.py",
+           "union map: a query naming one cluster twice gets one entry (its second use lost)",
+           "key = tl.where(cid >= 0, cid * JB + occ, -1)", "key = tl.where(cid >= 0, cid * JB, -1)",
+           UNION),
+    Mutant("triton-union-map-straddle-unchecked", TK + "union.py",
+           "union map: a slot block naming tokens of two clusters passes as whole",
+           "bad_c = used & ((hi != lo) | (hi % GROUP != 0) | oor)",
+           "bad_c = used & ((hi % GROUP != 0) | oor)",
+           UNION),
+    Mutant("triton-union-mask-ignored", TK + "union.py",
+           "union kernels: masked slots of a listed cluster count",
+           "        ok = ok & (tl.load(MASK + off, mask=listed, other=0) != 0)\n    return",
+           "        ok = ok\n    return",
+           UNION),
+    Mutant("triton-key-cluster-slot-ignored", TK + "backward_kv.py",
+           "key-cluster backward: queries of a group that do not name the cluster contribute",
+           "q_ok = e_ok & (qi < N) & (jq >= 0)", "q_ok = e_ok & (qi < N)",
+           UNION),
     Mutant("triton-reverse-map-fill-off-by-one", TK + "reverse_map.py",
            "the counting sort's fill writes each entry one place late",
            "mask=ok, sem=\"relaxed\") - 1", "mask=ok, sem=\"relaxed\")",

@@ -136,11 +136,19 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         # 2. The deterministic d_pe_table's scale inputs: max |dout| and max |v|.
         if fixed:
             _dpe_fixed_amax(dout, v, bv if has_blank else None, amax[0:2])
+        # The union map (union.py) for the query side's union kernel and the key side's
+        # group-level map, from one launch.
+        umap = None
+        umap_keys = (None, None, None)
+        if q_blocks[3] is not None or kv_group is not None:
+            umap, *umap_keys = _group_reverse_map(
+                idx, mask_u8 if has_mask else None, N, deterministic, zeroed[1],
+                old_group=q_blocks[0] is not None, keys=kv_group is not None)
         # 3. The query side: delta, dq, the blank's partial rows, d_pe_table's terms.
         backward_q._bwd_q(q_blocks, hpg, nhg, q, k, v, out, dout, lse, delta, dq, idx, pe_idx,
                           mask_u8, pe_t, bk, bv, dpe, dsbuf, amax_do, amax_v, dpe_scale,
                           dbk_part, dbv_part, T, n_rep, hi, lo, log2_c, has_pe, dpe_mode,
-                          has_mask, has_blank)
+                          has_mask, has_blank, umap)
 
         # 4. The key side: the reverse maps, then dk and dv.
         if compute_kv:
@@ -149,7 +157,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             masks = mask_u8 if has_mask else None
             gperm = gptr = bad = None
             if kv_group is not None:
-                gperm, gptr, bad = _group_reverse_map(idx, masks, N, deterministic, zeroed[1])
+                gperm, gptr, bad = umap_keys
             # Token-level maps only for the batches the group-level map flags (none on AFF's
             # inputs), decided on the device: a sync here would leave the GPU idle while the
             # host issues the rest, in every layer's backward.
@@ -160,7 +168,8 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             else:
                 perm, ptr = _reverse_map_stable(idx, masks, N, need=bad)
             backward_kv._bwd_kv(kv_group, q, k, v, dout, lse, delta, dk, dv, perm, ptr, gperm,
-                                gptr, bad, pe_idx, mask_u8, pe_t, M, hi, lo, has_pe, has_mask)
+                                gptr, bad, pe_idx, mask_u8, pe_t, M, hi, lo, has_pe, has_mask,
+                                umap)
         else:
             dk = q.new_empty(0, dtype=k.dtype)
             dv = q.new_empty(0, dtype=v.dtype)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common, launch, tuning
+from . import common, launch, tuning, union
 from .common import (
     _GROUP,
     _attn_blocks,
@@ -135,7 +135,7 @@ def _attn_bwd_kv_kernel(
 
 @triton.jit
 def _kv_cluster_tile(
-    Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc, h, start, cnt, n_blocks,
+    Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, SLOT, PEIDX, MASK, PE, kc, h, start, cnt, n_ent,
     sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh,
     N, M, D, scale_hi, scale_lo,
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
@@ -143,7 +143,9 @@ def _kv_cluster_tile(
     FTZ: tl.constexpr, ACC: tl.constexpr,
 ):
     """dk, dv of key cluster kc in heads h .. h + HEADS - 1 (HEADS = 1 or 2), walking its
-    cnt entries of the group-level map from ``start``. The GROUP * HEADS key rows hold the
+    cnt entries of the group-level map from ``start`` (entry g * n_ent + u: union entry u
+    of query group g, whose queries name kc in the slot blocks SLOT gives, -1 for none).
+    The GROUP * HEADS key rows hold the
     cluster's keys in each head (row r: key r % GROUP in head h + r // GROUP). Columns are
     HEADS blocks of BLOCK_D: the query-side tiles (q, dout) hold every head's block, the
     key-side ones (k, v, and the dk, dv kept) only their row's, so each product pairs a row
@@ -169,9 +171,10 @@ def _kv_cluster_tile(
         # int64 as torch.sort returns it; int32 arithmetic from here on (64-bit division
         # is emulated on the GPU: a slower kernel, benchmarks/TUNING.md).
         ent = tl.load(GPERM + start + e0 + c // GROUP, mask=e_ok, other=0).to(tl.int32)
-        qi = (ent // n_blocks) * GROUP + c % GROUP
-        q_ok = e_ok & (qi < N)
-        slot = qi * M + (ent % n_blocks) * GROUP
+        qi = (ent // n_ent) * GROUP + c % GROUP
+        jq = tl.load(SLOT + ent * GROUP + c % GROUP, mask=e_ok, other=-1).to(tl.int32)
+        q_ok = e_ok & (qi < N) & (jq >= 0)
+        slot = qi * M + jq * GROUP
         ok = key_ok[:, None] & q_ok[None, :]
         off = slot[None, :] + t[:, None]
         if HAS_MASK:
@@ -215,18 +218,19 @@ def _kv_cluster_tile(
 @_Launch
 @triton.jit
 def _attn_bwd_kv_cluster_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, GPTR, BAD, PEIDX, MASK, PE,
+    Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, GPTR, BAD, SLOT, PEIDX, MASK, PE,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
     spet, speh,
     H, N, M, D, scale_hi, scale_lo, HPG, NHG,
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, UCAP: tl.constexpr,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, FTZ: tl.constexpr, ACC: tl.constexpr,
 ):
     """Key side by key cluster: one program per GROUP consecutive keys. When every query
-    group of the batch shares its list and names whole key clusters (AFF's layout, checked
-    by _group_key_kernel), the group-level map lists which (query group, slot block) pairs
-    name this cluster; each pair is a dense GROUP x GROUP block of scores, so a chunk of
+    group of the batch is in the union map (lists of whole key clusters, union.py), the
+    group-level map lists which (query group, union entry) pairs name this cluster; each
+    pair is a dense GROUP x GROUP block of scores (the group's queries that do not name
+    the cluster masked), so a chunk of
     BLOCK_G pairs is flash-attention's key-side step on gathered query rows: transposed
     scores K Q^T and dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q, all tl.dot. Every
     query row is read once per key cluster, where the per-key walk reads it once per key.
@@ -243,20 +247,20 @@ def _attn_bwd_kv_cluster_kernel(
     PEIDX += b * N * M
     MASK += b * N * M
     if tl.load(BAD + b) == 0:
-        n_blocks = M // GROUP
         GPTR += b * (n_kc + 1)
-        GPERM += b * tl.cdiv(N, GROUP) * n_blocks
+        GPERM += b * n_kc * UCAP
+        SLOT += b * n_kc * UCAP * GROUP
         start = tl.load(GPTR + kc)
         cnt = tl.load(GPTR + kc + 1) - start
         for h in range(h_lo, h_hi - (HEADS - 1), HEADS):
-            _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc, h,
-                             start, cnt, n_blocks, sqh, sqn, skh, skn, svh, svn, sdoh, sdon,
+            _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, SLOT, PEIDX, MASK, PE,
+                             kc, h, start, cnt, UCAP, sqh, sqn, skh, skn, svh, svn, sdoh, sdon,
                              spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, GROUP,
                              HEADS, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ, ACC)
         if HEADS > 1:
             if (h_hi - h_lo) % HEADS != 0:
-                _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, PEIDX, MASK, PE, kc,
-                                 h_hi - 1, start, cnt, n_blocks, sqh, sqn, skh, skn, svh, svn,
+                _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, SLOT, PEIDX, MASK, PE,
+                                 kc, h_hi - 1, start, cnt, UCAP, sqh, sqn, skh, skn, svh, svn,
                                  sdoh, sdon, spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE,
                                  HAS_MASK, GROUP, 1, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ,
                                  ACC)
@@ -272,7 +276,7 @@ def _kv_group_blocks(D: int, M: int, dtype: torch.dtype):
     keys where the per-query / per-key kernels' own 64 there, so the CPU suite's large
     float32 cases would take minutes longer. Tests of these kernels in float32 / float64
     switch them on (tests/conftest.py, group_kernels_on)."""
-    if M % _GROUP or M < _GROUP:
+    if not union.map_possible(M):
         return None
     if dtype == torch.float64 and not launch._INTERPRET:
         return None
@@ -292,7 +296,7 @@ def _kv_group_blocks(D: int, M: int, dtype: torch.dtype):
 
 
 def _bwd_kv(kv_group, q, k, v, dout, lse, delta, dk, dv, perm, ptr, gperm, gptr, bad, pe_idx,
-            mask_u8, pe_t, M, hi, lo, has_pe, has_mask):
+            mask_u8, pe_t, M, hi, lo, has_pe, has_mask, umap=None):
     """One launch of the key side into dk, dv: the key-cluster kernel (``kv_group`` from
     :func:`_kv_group_blocks`, with the group-level map gperm / gptr / bad) or, for None, the
     per-key kernel; both walk the token-level map perm / ptr where they need it."""
@@ -310,10 +314,10 @@ def _bwd_kv(kv_group, q, k, v, dout, lse, delta, dk, dv, perm, ptr, gperm, gptr,
         n_kc = _cdiv(N, _GROUP)
         kv_hpg, kv_nhg = common._head_groups(n_kc, B, H, dev, kv_heads)
         _attn_bwd_kv_cluster_kernel[(n_kc, B * kv_nhg)](
-            q, k, v, dout, lse, delta, dk, dv, gperm, gptr, bad,
+            q, k, v, dout, lse, delta, dk, dv, gperm, gptr, bad, umap.slot,
             pe_idx, mask_u8, pe_t, *kv_args, H, N, M, D, hi, lo, kv_hpg, kv_nhg,
             HAS_PE=has_pe, HAS_MASK=has_mask, GROUP=_GROUP,
-            HEADS=kv_heads, BLOCK_G=BG, BLOCK_D=GBD,
+            HEADS=kv_heads, BLOCK_G=BG, BLOCK_D=GBD, UCAP=umap.ucap,
             **_dot_flags(q.dtype), FTZ=_ftz(q.dtype), ACC=_tl_acc(q.dtype),
             num_warps=gw, maxnreg=_maxnreg("bwd_kv_group", q.dtype),
         )

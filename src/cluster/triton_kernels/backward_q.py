@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import tuning
+from . import tuning, union
 from .common import (
     _GROUP,
     _attn_blocks,
@@ -29,11 +29,14 @@ from .common import (
     _load_slots,
     _maxnreg,
     _mma,
+    _np2,
+    _rows_left_by_map,
     _rows_of_broken_groups,
     _test_slots,
     _tl_acc,
 )
 from .launch import _Launch
+from .union import _union_chunk
 
 
 @triton.jit
@@ -172,7 +175,7 @@ def _bwd_q_batch(Q, K, V, O, DO, DQ, LSE, DELTA, IDX, PEIDX, MASK, DSBUF, b,
 @triton.jit
 def _attn_bwd_q_kernel(
     Q, K, V, O, DO, LSE, DELTA, DQ, IDX, PEIDX, MASK, PE, BK, BV,
-    DPE, DSBUF, AMAX_DO, AMAX_V, DPE_SCALE, DBK_PART, DBV_PART,
+    DPE, DSBUF, AMAX_DO, AMAX_V, DPE_SCALE, DBK_PART, DBV_PART, UINFO,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
     spet, speh, sbkh, sbvh,
     H, N, M, D, T, R, scale_hi, scale_lo, HPG, NHG, log2_c,
@@ -180,10 +183,12 @@ def _attn_bwd_q_kernel(
     HAS_BLANK: tl.constexpr, ONE_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
     BROKEN_ONLY: tl.constexpr, GROUP: tl.constexpr, TEST_M: tl.constexpr,
+    MAPPED: tl.constexpr,
 ):
     """Query side: Delta, dq, the blank's partial sums and the bias-table gradient. With
     BROKEN_ONLY it runs after the query-cluster kernel, in blocks of GROUP rows, and takes
-    only the groups that do not share a key list (the other kernel took the rest).
+    only the groups that do not share a key list (the other kernel took the rest); with
+    MAPPED, only the groups the union map left to it (common._rows_left_by_map).
 
     DPE_MODE 0: no table gradient; 1: float atomics into DPE [R, T, H], replica
     ``lin % R``; 2: ds written to DSBUF [B, N, M, H] for a deterministic segment sum
@@ -206,7 +211,9 @@ def _attn_bwd_q_kernel(
         H, N, M, D)
     dpe_scale = _dpe_step_scale(AMAX_DO, AMAX_V, DPE_SCALE, log2_c, (pid == 0) & (pid_bh == 0),
                                 DPE_MODE)
-    if BROKEN_ONLY:
+    if MAPPED:
+        q_ok = _rows_left_by_map(UINFO, b, offs_q, q_ok, N, GROUP, MAPPED)
+    elif BROKEN_ONLY:
         q_ok = _rows_of_broken_groups(IDX, MASK, offs_q, q_ok, M, HAS_MASK, GROUP, BLOCK_Q,
                                       TEST_M)
     if tl.max(q_ok.to(tl.int32), 0) > 0:
@@ -292,32 +299,119 @@ def _attn_bwd_q_cluster_kernel(
                      dq.to(DQ.dtype.element_ty), mask=qd_ok)
 
 
+@_Launch
+@triton.jit
+def _attn_bwd_q_union_kernel(
+    Q, K, V, O, DO, LSE, DELTA, DQ, PEIDX, MASK, PE, BK, BV,
+    DPE, DSBUF, AMAX_DO, AMAX_V, DPE_SCALE, DBK_PART, DBV_PART, UC, SLOT, UINFO,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, sdob, sdoh, sdon,
+    spet, speh, sbkh, sbvh,
+    H, N, M, D, T, R, scale_hi, scale_lo, HPG, NHG, log2_c,
+    HAS_PE: tl.constexpr, DPE_MODE: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_BLANK: tl.constexpr, GROUP: tl.constexpr, UCAP: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
+):
+    """Query side of the groups the map gives the union kernels: backward_q's
+    _attn_bwd_q_kernel (Delta, dq, the blank's partial row, the bias-table terms; see its
+    DPE_MODE) with scores, dp = dout v^T and dq += ds k as tl.dot products over chunks of
+    CHUNK union entries."""
+    g = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h_lo, h_hi = _batch_heads(pid_bh, NHG, HPG, H)
+    lin = b * tl.num_programs(0) + g
+    rep = lin % R
+    dpe_scale = _dpe_step_scale(AMAX_DO, AMAX_V, DPE_SCALE, log2_c, (g == 0) & (pid_bh == 0),
+                                DPE_MODE)
+    n_u = tl.load(UINFO + lin)
+    if n_u >= 0:
+        BLOCK_K: tl.constexpr = CHUNK * GROUP
+        Q += b * sqb
+        K += b * skb
+        V += b * svb
+        O += b * sob
+        DO += b * sdob
+        DQ += b * H * N * D
+        LSE += b * H * N
+        DELTA += b * H * N
+        PEIDX += b * N * M
+        MASK += b * N * M
+        DSBUF += b * N * M * H
+        UC += lin * UCAP
+        SLOT += lin * UCAP * GROUP
+        offs_q = g * GROUP + tl.arange(0, GROUP)
+        q_ok = offs_q < N
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        qd_ok = q_ok[:, None] & d_ok[None, :]
+        for h in range(h_lo, h_hi):
+            q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
+                        other=0.0)
+            qs = q.to(ACC)
+            qs = qs * scale_hi + qs * scale_lo
+            do, delta, lse, dq = _bwd_q_prologue(
+                O, DO, LSE, DELTA, BK, BV, DBK_PART, DBV_PART, h, lin, offs_q, q_ok, qs, soh,
+                son, sdoh, sdon, sbkh, sbvh, H, N, D, HAS_BLANK, BLOCK_D, ACC)
+            for u0 in range(0, n_u, CHUNK):
+                keys, k_ok, ok, pe, off = _union_chunk(UC, SLOT, PEIDX, MASK, u0, n_u, offs_q,
+                                                       q_ok, N, M, HAS_PE, HAS_MASK, GROUP,
+                                                       BLOCK_K)
+                kd_ok = k_ok[:, None] & d_ok[None, :]
+                k = tl.load(K + h * skh + keys[:, None] * skn + offs_d[None, :], mask=kd_ok,
+                            other=0.0)
+                s = _mma(q, tl.trans(k), UPCAST).to(ACC)
+                s = s * scale_hi + s * scale_lo
+                if HAS_PE:
+                    s += tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0).to(ACC)
+                p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+                v = tl.load(V + h * svh + keys[:, None] * svn + offs_d[None, :], mask=kd_ok,
+                            other=0.0)
+                # dout in its own dtype again (exact: it was widened from it).
+                dp = _mma(do.to(v.dtype), tl.trans(v), UPCAST).to(ACC)
+                ds = p * (dp - delta[:, None])
+                if SPLIT:
+                    # ds as hi + lo 16-bit parts, as p in the forward.
+                    ds_hi = ds.to(k.dtype)
+                    ds_lo = (ds - ds_hi.to(ACC)).to(k.dtype)
+                    dq += _mma(ds_hi, k, UPCAST) + _mma(ds_lo, k, UPCAST)
+                else:
+                    dq += _mma(ds.to(k.dtype), k, UPCAST).to(ACC)
+                _bwd_q_dpe(DPE, DSBUF, ds, pe, ok, off, rep, h, T, H, dpe_scale, DPE_MODE)
+            dq = dq * scale_hi + dq * scale_lo
+            tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
+                     dq.to(DQ.dtype.element_ty), mask=qd_ok)
+
+
 # =========================================================================== launch
 
 
 def _blocks(N: int, D: int, M: int, dtype):
     """How the query side runs: (the query-cluster kernel's blocks or None, the per-query
-    kernel's (rows, slots, BLOCK_D, num_warps), row blocks per batch). After the
-    query-cluster kernel the per-query one takes blocks of _GROUP rows, so that both have
-    one program, and one partial row of the blank's sums, per group."""
+    kernel's (rows, slots, BLOCK_D, num_warps), row blocks per batch, the union kernel's
+    num_warps or None). After the query-cluster or union kernel the per-query one takes
+    blocks of _GROUP rows, so that all have one program, and one partial row of the
+    blank's sums, per group."""
     q_group = _group_blocks(D, M, dtype, "bwd_q")
+    u_warps = union.union_blocks(D, M, dtype, "bwd_q")
     rows = _attn_blocks(D, M, dtype, "bwd_q")
-    if q_group is not None:
+    if q_group is not None or u_warps is not None:
         if rows[0] != _GROUP:
             rows = (_GROUP, _chunk_slots("bwd_q", dtype, _GROUP, rows[2], M), *rows[2:])
-        return q_group, rows, _cdiv(N, _GROUP)
-    return None, rows, _cdiv(N, rows[0])
+        return q_group, rows, _cdiv(N, _GROUP), u_warps
+    return None, rows, _cdiv(N, rows[0]), None
 
 
 def _bwd_q(blocks, hpg, nhg, q, k, v, out, dout, lse, delta, dq, idx, pe_idx, mask_u8, pe_t,
            bk, bv, dpe, dsbuf, amax_do, amax_v, dpe_scale, dbk_part, dbv_part, T, n_rep, hi,
-           lo, log2_c, has_pe, dpe_mode, has_mask, has_blank):
+           lo, log2_c, has_pe, dpe_mode, has_mask, has_blank, umap=None):
     """One launch of the query side (``blocks`` from :func:`_blocks`, ``hpg`` / ``nhg`` the
     head split): writes delta and dq, and per ``dpe_mode`` (see _attn_bwd_q_kernel) dpe or
-    dsbuf, and the blank's partial rows. Buffers a mode does not use may be None."""
+    dsbuf, and the blank's partial rows. Buffers a mode does not use may be None.
+    ``umap``: the union map (union._union_map) where the backward built one: the union
+    kernel (where it is on) takes its groups, and the per-query kernel reads which groups
+    are left to it instead of testing them (MAPPED)."""
     B, H, N, D = q.shape
     M = idx.shape[-1]
-    q_group, rows, n_qblocks = blocks
+    q_group, rows, n_qblocks, u_warps = blocks
     BQ, RM, RD, r_warps = rows
     q_args = (
         q, k, v, out, dout, lse, delta, dq, idx, pe_idx, mask_u8, pe_t, bk, bv,
@@ -339,9 +433,18 @@ def _bwd_q(blocks, hpg, nhg, q, k, v, out, dout, lse, delta, dq, idx, pe_idx, ma
             **_dot_flags(q.dtype), num_warps=warps, num_stages=tuning.GROUP_BWDQ_STAGES,
             maxnreg=_maxnreg("bwd_q_group", q.dtype),
         )
-    # Every row, or after the query-cluster kernel the groups it left (BROKEN_ONLY).
+    if u_warps is not None:
+        _attn_bwd_q_union_kernel[(n_qblocks, B * nhg)](
+            *q_args[:8], *q_args[9:21], umap.uc, umap.slot, umap.uinfo, *q_args[21:],
+            **q_flags, GROUP=_GROUP, UCAP=umap.ucap, CHUNK=union.union_chunk(),
+            BLOCK_D=max(16, _np2(D)), **_dot_flags(q.dtype), num_warps=u_warps,
+        )
+    # Every row, or after the query-cluster or union kernel the groups they left
+    # (BROKEN_ONLY, MAPPED).
     _attn_bwd_q_kernel[(n_qblocks, B * nhg)](
-        *q_args, **q_flags, ONE_CHUNK=RM >= M, BLOCK_Q=BQ, BLOCK_M=RM, BLOCK_D=RD,
-        num_warps=r_warps, maxnreg=_maxnreg("bwd_q", q.dtype),
-        BROKEN_ONLY=q_group is not None, GROUP=_GROUP, TEST_M=_test_slots(M),
+        *q_args[:21], umap.uinfo if umap is not None else delta, *q_args[21:], **q_flags,
+        ONE_CHUNK=RM >= M, BLOCK_Q=BQ, BLOCK_M=RM, BLOCK_D=RD, num_warps=r_warps,
+        maxnreg=_maxnreg("bwd_q", q.dtype), BROKEN_ONLY=q_group is not None, GROUP=_GROUP,
+        TEST_M=_test_slots(M),
+        MAPPED=0 if umap is None else 1 if u_warps is not None else 2,
     )

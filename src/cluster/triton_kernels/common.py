@@ -301,3 +301,15 @@ def _rows_of_broken_groups(IDX, MASK, offs_q, q_ok, M, HAS_MASK: tl.constexpr,
     per_group = tl.max(tl.reshape(stray, (BLOCK_Q // GROUP, GROUP)), 1)
     rows = tl.reshape(tl.broadcast_to(per_group[:, None], (BLOCK_Q // GROUP, GROUP)), (BLOCK_Q,))
     return q_ok & (rows > 0)
+
+
+@triton.jit
+def _rows_left_by_map(UINFO, b, offs_q, q_ok, N, GROUP: tl.constexpr, MAPPED: tl.constexpr):
+    """Which rows of a block of queries the union map (union.py) leaves to the per-query
+    kernels: MAPPED 1 (a union kernel ran) the groups of UINFO -1, MAPPED 2 (none ran)
+    every group but those a shared-list group kernel took (UINFO -2)."""
+    lin = b * tl.cdiv(N, GROUP) + offs_q // GROUP
+    info = tl.load(UINFO + lin, mask=q_ok, other=0)
+    if MAPPED == 1:
+        return q_ok & (info == -1)
+    return q_ok & (info != -2)

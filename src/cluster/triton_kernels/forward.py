@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common, launch, tuning
+from . import common, launch, tuning, union
 from . import gluon_forward as _gluon
 from .common import (
     _GROUP,
@@ -45,6 +45,7 @@ from .common import (
     _maxnreg,
     _mma,
     _np2,
+    _rows_left_by_map,
     _rows_of_broken_groups,
     _scale,
     _split_scale,
@@ -53,6 +54,7 @@ from .common import (
     _width,
 )
 from .launch import _Launch
+from .union import _union_chunk
 
 
 @triton.jit
@@ -147,7 +149,7 @@ def _fwd_store(O, LSE, o_row, lse_row, q_ok, cols, col_ok, acc, m_i, l_i):
 @_Launch
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV,
+    Q, K, V, O, LSE, IDX, PEIDX, MASK, PE, BK, BV, UINFO,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
     spet, speh, sbkh, sbvh,
     H, N, M, D, scale_hi, scale_lo, HPG, NHG,
@@ -155,10 +157,12 @@ def _attn_fwd_kernel(
     ONE_CHUNK: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, ACC: tl.constexpr, FTZ: tl.constexpr,
     BROKEN_ONLY: tl.constexpr, GROUP: tl.constexpr, TEST_M: tl.constexpr,
+    MAPPED: tl.constexpr,
 ):
     """Each query gathers its own keys: any member_idx. With BROKEN_ONLY it runs after a
     group kernel and takes only the rows of groups that do not share a key list (the group
-    kernel took the others): AFF's per-token lists are all such groups."""
+    kernel took the others); with MAPPED, after the union kernel, only the rows of groups
+    the union map left to it (common._rows_left_by_map)."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, h_lo, h_hi = _batch_heads(pid_bh, NHG, HPG, H)
@@ -173,7 +177,9 @@ def _attn_fwd_kernel(
     V += b * svb
     O += b * sob
     LSE += b * H * N
-    if BROKEN_ONLY:
+    if MAPPED:
+        q_ok = _rows_left_by_map(UINFO, b, offs_q, q_ok, N, GROUP, MAPPED)
+    elif BROKEN_ONLY:
         q_ok = _rows_of_broken_groups(IDX, MASK, offs_q, q_ok, M, HAS_MASK, GROUP, BLOCK_Q,
                                       TEST_M)
     if tl.max(q_ok.to(tl.int32), 0) > 0:
@@ -296,6 +302,95 @@ def _attn_fwd_cluster_kernel(
                        dc, rd_ok, acc, m_use, l_i)
 
 
+@_Launch
+@triton.jit
+def _attn_fwd_union_kernel(
+    Q, K, V, O, LSE, PEIDX, MASK, PE, BK, BV, UC, SLOT, UINFO,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    spet, speh, sbkh, sbvh,
+    H, N, M, D, scale_hi, scale_lo, HPG, NHG,
+    HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BLANK: tl.constexpr,
+    GROUP: tl.constexpr, UCAP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, FTZ: tl.constexpr, ACC: tl.constexpr,
+):
+    """Forward of the groups the map gives the union kernels (UINFO >= 0): per head, an
+    online softmax over chunks of CHUNK union entries (CHUNK * GROUP keys), each a dense
+    [GROUP, CHUNK * GROUP] score tile."""
+    g = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b, h_lo, h_hi = _batch_heads(pid_bh, NHG, HPG, H)
+    lin = b * tl.num_programs(0) + g
+    n_u = tl.load(UINFO + lin)
+    if n_u >= 0:
+        NEG_INF = float("-inf")
+        BLOCK_K: tl.constexpr = CHUNK * GROUP
+        Q += b * sqb
+        K += b * skb
+        V += b * svb
+        O += b * sob
+        LSE += b * H * N
+        PEIDX += b * N * M
+        MASK += b * N * M
+        UC += lin * UCAP
+        SLOT += lin * UCAP * GROUP
+        offs_q = g * GROUP + tl.arange(0, GROUP)
+        q_ok = offs_q < N
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        qd_ok = q_ok[:, None] & d_ok[None, :]
+        for h in range(h_lo, h_hi):
+            q = tl.load(Q + h * sqh + offs_q[:, None] * sqn + offs_d[None, :], mask=qd_ok,
+                        other=0.0)
+            m_i = tl.full([GROUP], NEG_INF, ACC)
+            l_i = tl.zeros([GROUP], ACC)
+            acc = tl.zeros([GROUP, BLOCK_D], ACC)
+            if HAS_BLANK:
+                bk = tl.load(BK + h * sbkh + offs_d, mask=d_ok, other=0.0).to(ACC)
+                bv = tl.load(BV + h * sbvh + offs_d, mask=d_ok, other=0.0).to(ACC)
+                # The blank is the softmax's first element: running max = its logit, sum 1.
+                m_i = _scale(tl.sum(q.to(ACC) * bk[None, :], 1), scale_hi, scale_lo, SPLIT)
+                l_i += 1.0
+                acc += bv[None, :]
+            for u0 in range(0, n_u, CHUNK):
+                keys, k_ok, ok, pe, _off = _union_chunk(UC, SLOT, PEIDX, MASK, u0, n_u, offs_q,
+                                                        q_ok, N, M, HAS_PE, HAS_MASK, GROUP,
+                                                        BLOCK_K)
+                kd_ok = k_ok[:, None] & d_ok[None, :]
+                if HAS_PE:
+                    bias = tl.load(PE + pe * spet + h * speh, mask=ok, other=0.0)
+                k = tl.load(K + h * skh + keys[:, None] * skn + offs_d[None, :], mask=kd_ok,
+                            other=0.0)
+                s = _scale(_mma(q, tl.trans(k), UPCAST).to(ACC), scale_hi, scale_lo, SPLIT)
+                if HAS_PE:
+                    s += bias.to(ACC)
+                s = tl.where(ok, s, NEG_INF)
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # All-invalid so far: shift by 0 so that exp(-inf - shift) = 0, never NaN.
+                m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
+                alpha = _exp(m_i - m_use, FTZ)
+                p = _exp(s - m_use[:, None], FTZ)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(V + h * svh + keys[:, None] * svn + offs_d[None, :], mask=kd_ok,
+                            other=0.0)
+                if SPLIT:
+                    # p as hi + lo 16-bit parts: two tensor-core products keep ~16
+                    # significant bits of p where one cast would keep 8 (bf16).
+                    p_hi = p.to(v.dtype)
+                    p_lo = (p - p_hi.to(ACC)).to(v.dtype)
+                    pv = _mma(p_hi, v, UPCAST) + _mma(p_lo, v, UPCAST)
+                else:
+                    pv = _mma(p.to(v.dtype), v, UPCAST).to(ACC)
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
+            has = l_i > 0
+            l_safe = tl.where(has, l_i, 1.0)
+            # lse = +inf on empty rows makes the backward's exp(logit - lse) exactly 0.
+            lse = tl.where(has, m_i + tl.log(l_safe), float("inf"))
+            tl.store(O + h * soh + offs_q[:, None] * son + offs_d[None, :],
+                     (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=qd_ok)
+            tl.store(LSE + h * N + offs_q, lse, mask=q_ok)
+
+
 # The Gluon kernel, launched like the others (build_check records and compiles it too);
 # None on a Triton that cannot build it.
 _attn_fwd_gluon_kernel = (_Launch(_gluon._attn_fwd_gluon_kernel)
@@ -364,7 +459,13 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
     n_groups = _cdiv(N, _GROUP)
     pe_span = ((pe_t.shape[0] - 1) * pe_t.stride(0) + (H - 1) * pe_t.stride(1)) if has_pe else 0
     gluon = _gluon_blocks(D, M, q.dtype, pe_span)
+    union_warps = union.union_blocks(D, M, q.dtype, "fwd")
     with _device_guard(q):
+        umap = None
+        if union_warps is not None:
+            # Groups sharing one list stay with the Gluon / group kernel where one runs.
+            umap = union._union_map(idx, mask_u8 if has_mask else None,
+                                    old_group=gluon is not None or grouped is not None)
         if gluon is not None:
             hpg, nhg = common._head_groups(n_groups, B, H, q.device, per_sm=tuning.GLUON_PER_SM)
             _attn_fwd_gluon_kernel[(n_groups, B * nhg)](
@@ -385,15 +486,23 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
                 FTZ=_ftz(q.dtype), num_warps=warps, num_stages=tuning.GROUP_FWD_STAGES,
                 maxnreg=_maxnreg("fwd_group", q.dtype),
             )
-        # The per-query kernel: every row, or after a group kernel the rows of the
-        # groups it left (BROKEN_ONLY).
+        if umap is not None:
+            hpg, nhg = common._head_groups(n_groups, B, H, q.device)
+            _attn_fwd_union_kernel[(n_groups, B * nhg)](
+                *args[:5], *args[6:11], umap.uc, umap.slot, umap.uinfo, *args[11:],
+                H, N, M, D, hi, lo, hpg, nhg, **flags, GROUP=_GROUP, UCAP=umap.ucap,
+                CHUNK=union.union_chunk(), BLOCK_D=max(16, _np2(D)), **_dot_flags(q.dtype),
+                FTZ=_ftz(q.dtype), num_warps=union_warps,
+            )
+        # The per-query kernel: every row, or after a group or union kernel the rows of
+        # the groups they left (BROKEN_ONLY, MAPPED).
         BQ, BM, BD, warps = _attn_blocks(D, M, q.dtype, "fwd")
         hpg, nhg = common._head_groups(_cdiv(N, BQ), B, H, q.device)
         _attn_fwd_kernel[(_cdiv(N, BQ), B * nhg)](
-            *args, H, N, M, D, hi, lo, hpg, nhg, **flags, ONE_CHUNK=BM >= M,
-            BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD, FTZ=_ftz(q.dtype), num_warps=warps,
-            maxnreg=_maxnreg("fwd", q.dtype),
+            *args[:11], umap.uinfo if umap is not None else idx, *args[11:], H, N, M, D, hi,
+            lo, hpg, nhg, **flags, ONE_CHUNK=BM >= M, BLOCK_Q=BQ, BLOCK_M=BM, BLOCK_D=BD,
+            FTZ=_ftz(q.dtype), num_warps=warps, maxnreg=_maxnreg("fwd", q.dtype),
             BROKEN_ONLY=gluon is not None or grouped is not None, GROUP=_GROUP,
-            TEST_M=_test_slots(M),
+            TEST_M=_test_slots(M), MAPPED=1 if umap is not None else 0,
         )
     return out, lse

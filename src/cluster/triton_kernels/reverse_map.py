@@ -9,9 +9,9 @@ features' d_feat.
 * ``_reverse_map_stable``: a counting sort in slot ranges that ranks equal keys by slot:
   the deterministic mode's token-level map, only for the batches the group-level map
   flags (decided on the device, no sync).
-* ``_group_reverse_map`` with ``_group_key_kernel``: the group-level map of (query group,
-  slot block) pairs per key cluster that the key-cluster backward walks, and the per-batch
-  flag saying where AFF's layout does not hold.
+* ``_group_reverse_map`` with union.py's map kernel: the group-level map of (query group,
+  union entry) pairs per key cluster that the key-cluster backward walks, and the
+  per-batch flag saying where the union map does not cover a batch.
 Indices outside [0, n_keys) and masked slots land in no list.
 """
 
@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tuning
-from .common import _GROUP, _cdiv, _device_guard, _group_slots, _np2, _sort_key_dtype
+from . import tuning, union
+from .common import _GROUP, _cdiv, _device_guard, _sort_key_dtype
 from .launch import _Launch
 
 
@@ -244,59 +244,20 @@ def _reverse_map_stable(member_idx: torch.Tensor, mask_u8: torch.Tensor | None,
     return perm, ptr
 
 
-@_Launch
-@triton.jit
-def _group_key_kernel(IDX, MASK, GKEY, CNT, BAD, N, M, NKC, CNT_AT, HAS_MASK: tl.constexpr,
-                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Group-level reverse-map keys: GKEY[b, g * J + j] = the key cluster that slot block j
-    (slots j*GROUP .. j*GROUP + GROUP-1) of query group g names, or NKC when no query of the
-    group uses that block; CNT[b, c + CNT_AT] counts the used blocks naming key cluster c
-    (CNT_AT is 1 or 0: see _group_reverse_map). BAD[b] is raised when some group of batch
-    b does not share one key list, or a used block is not one whole key cluster in order
-    (slot t of the block naming token cluster * GROUP + t): then batch b needs the
-    token-level map."""
-    g = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    J: tl.constexpr = BLOCK_M // GROUP
-    IDX += b * N * M
-    MASK += b * N * M
-    _q, _q_ok, _pe, _ok, lead, live, shared = _group_slots(
-        IDX, IDX, MASK, g, N, M, False, HAS_MASK, GROUP, 1, BLOCK_M)
-    offs_m = tl.arange(0, BLOCK_M)
-    t = offs_m % GROUP
-    in_range = (lead >= 0) & (lead < N)
-    misplaced = live & (((lead % GROUP) != t) | ~in_range)
-    c = lead // GROUP
-    c_hi = tl.max(tl.reshape(tl.where(live, c, -1), (J, GROUP)), 1)
-    c_lo = tl.min(tl.reshape(tl.where(live, c, NKC), (J, GROUP)), 1)
-    used = c_hi >= 0
-    split = used & (c_hi != c_lo)
-    bad = (shared == 0) | (tl.max(misplaced.to(tl.int32), 0) > 0) | \
-        (tl.max(split.to(tl.int32), 0) > 0)
-    offs_j = tl.arange(0, J)
-    n_blocks = M // GROUP
-    tl.store(GKEY + (b * tl.num_programs(0) + g) * n_blocks + offs_j,
-             tl.where(used, c_hi, NKC).to(GKEY.dtype.element_ty), mask=offs_j < n_blocks)
-    # Counted only where c_hi names a key cluster: an index out of range (which flags the
-    # batch) must not become an address.
-    counted = used & (c_hi < NKC) & (offs_j < n_blocks)
-    tl.atomic_add(CNT + b * (NKC + 1) + CNT_AT + tl.where(counted, c_hi, 0), 1, mask=counted,
-                  sem="relaxed")
-    # Relaxed: read only by later kernels.
-    tl.atomic_max(BAD + b, bad.to(tl.int32), sem="relaxed")
-
-
 def _group_map_words(B: int, N: int) -> int:
     """int32 elements of the zeroed buffer :func:`_group_reverse_map` takes."""
     return B * (_cdiv(N, _GROUP) + 1) + B
 
 
 def _group_reverse_map(member_idx: torch.Tensor, mask_u8: torch.Tensor | None, n_keys: int,
-                       deterministic: bool = True, zeroed: torch.Tensor | None = None):
-    """The group-level reverse map of _group_key_kernel, as CSR: gperm [B, G * J] lists,
-    per key cluster, the (query group g, slot block j) pairs ``g * J + j`` that name it,
-    gptr [B, n_clusters + 1] int32; bad [B] int32, nonzero where batch b needs the
-    token-level map instead. G * J is N * M / 64 entries.
+                       deterministic: bool = True, zeroed: torch.Tensor | None = None,
+                       old_group: bool = False, keys: bool = True):
+    """The union map (union._union_map; ``old_group``: a shared-list query-side kernel runs
+    too) and, with ``keys``, the key side's group-level map as CSR: gperm [B, G * UCAP]
+    lists, per key cluster, the (query group g, union entry u) pairs ``g * UCAP + u`` that
+    name it, gptr [B, n_clusters + 1] int32; bad [B] int32, nonzero where batch b needs the
+    token-level map instead (some group not in the union map). Returns (map, gperm, gptr,
+    bad), the last three None without ``keys``.
 
     deterministic: a stable sort of the keys lists each cluster's pairs in order (gperm
     int64 as the sort returns it: a cast would be one more launch; the kernel reads it
@@ -307,7 +268,10 @@ def _group_reverse_map(member_idx: torch.Tensor, mask_u8: torch.Tensor | None, n
     B, N, M = member_idx.shape
     n_groups = _cdiv(N, _GROUP)
     dev = member_idx.device
-    n_entries = n_groups * (M // _GROUP)
+    if not keys:
+        with _device_guard(member_idx):
+            return union._union_map(member_idx, mask_u8, old_group), None, None, None
+    n_entries = n_groups * union._union_cap(M)
     gkey = torch.empty((B, n_entries), dtype=_sort_key_dtype(n_groups), device=dev)
     # One zeroed buffer for the per-cluster counts (then, summed in place, gptr) and the
     # flags: where a sort of the keys + searchsorted took three more launches per step.
@@ -319,18 +283,15 @@ def _group_reverse_map(member_idx: torch.Tensor, mask_u8: torch.Tensor | None, n
         # Cluster c's count goes to gptr[b, c + 1] for the sort (whose exclusive sums are
         # then the lists' starts), to gptr[b, c] for the fill (which counts the inclusive
         # sums back down to the starts).
-        _group_key_kernel[(n_groups, B)](
-            member_idx, mask_u8 if mask_u8 is not None else member_idx, gkey, gptr, bad, N,
-            M, n_groups, int(deterministic), HAS_MASK=mask_u8 is not None, GROUP=_GROUP,
-            BLOCK_M=_np2(M), num_warps=tuning.NUM_WARPS,
-        )
+        umap = union._union_map(member_idx, mask_u8, old_group, gkey, gptr, bad,
+                                int(deterministic))
         gptr.cumsum_(1)
         if deterministic:
             gperm = torch.sort(gkey, dim=1, stable=True)[1]
         else:
             gperm = torch.empty((B, n_entries), dtype=torch.int32, device=dev)
-            # Unused blocks hold the key n_groups, which _block_keys leaves out.
+            # Unused entries hold the key n_groups, which _block_keys leaves out.
             _key_fill_kernel[(_cdiv(n_entries, tuning.KEY_BLOCK), B)](
                 gkey, gkey, gkey, gptr, gperm, n_entries, n_groups, HAS_MASK=False,
                 HAS_NEED=False, BLOCK=tuning.KEY_BLOCK)
-    return gperm, gptr, bad
+    return umap, gperm, gptr, bad

@@ -50,6 +50,14 @@ _TUNING_GROUP_HEADS: dict[str, int] = {
     "fwd": 1,  # 2 heads double the gathered k / v tiles: slower
     "bwd_kv": 2,  # 2 heads (and 2 map entries a chunk, KV_GROUP_TILE): faster at every AFF shape
 }
+# num_warps of the union kernels (union.py: AFF's per-token lists of whole clusters), 0 = off
+# (TUNING.md has their figures):
+_TUNING_UNION: dict[tuple[str, int], int] = {
+    ("fwd", 4): 0,  # float32 tl.dot runs on FMA units through shared memory: 2x the per-query kernel
+    ("fwd", 2): 0,  # 0.30 ms against the per-query kernel's 0.39, less than the map's own launch
+    ("bwd_q", 4): 0,  # as the forward: 3x the per-query kernel
+    ("bwd_q", 2): 0,  # 2 % off the step at affmae_stage1, a loss at highres: not worth a map in the forward
+}
 # Group forwards on FMA units (broadcast products, one gather per cluster) instead of tl.dot:
 _TUNING_GROUP_FMA: dict[tuple[str, int], bool] = {
     ("fwd", 4): True,  # float32: beats the per-query kernel at every AFF shape, with one warp
@@ -75,6 +83,16 @@ _TUNING_MAXNREG: dict[tuple[str, int], int] = {
 
 # Largest [BLOCK_M, BLOCK_D] key tile of the group kernels; longer lists take the per-query ones.
 GROUP_TILE = 8192
+# Union entries (key clusters) kept per group; a group whose union is larger takes the per-query kernels.
+UNION_CAP = 32
+# num_warps of the union map kernel: 1 beat 2 (a chain of per-query merges, little to share).
+UNION_MAP_WARPS = 1
+# Union entries per dense tile of the union kernels: 4 (32 keys) beat 2, 8 and 16 in the forward.
+UNION_CHUNK = 4
+# Longest lists the union map takes: its [M, M / 8]-sized tiles stay in registers.
+UNION_MAX_M = 128
+# Widest heads the union kernels take: a [UNION_CHUNK * 8, D] key tile within registers.
+UNION_MAX_D = 128
 # Pipeline depth of the group forward's head loop: 2 beat 1, 3 (the default) and 4.
 GROUP_FWD_STAGES = 2
 # Pipeline depth of the query-cluster backward's head loop: 2 beat 1 and 3.
@@ -122,6 +140,7 @@ SEGMENT_PROGRAMS = 1 << 18
 TUNING = types.MappingProxyType(_TUNING)
 TUNING_GROUP = types.MappingProxyType(_TUNING_GROUP)
 TUNING_GROUP_HEADS = types.MappingProxyType(_TUNING_GROUP_HEADS)
+TUNING_UNION = types.MappingProxyType(_TUNING_UNION)
 TUNING_GROUP_FMA = types.MappingProxyType(_TUNING_GROUP_FMA)
 TUNING_GLUON = types.MappingProxyType(_TUNING_GLUON)
 TUNING_GLUON_CHUNKS = types.MappingProxyType(_TUNING_GLUON_CHUNKS)
@@ -130,6 +149,7 @@ TUNING_MAXNREG = types.MappingProxyType(_TUNING_MAXNREG)
 # The tables by name (what override changes in place) and the scalar knobs.
 _TABLES: dict[str, dict] = {
     "TUNING": _TUNING, "TUNING_GROUP": _TUNING_GROUP, "TUNING_GROUP_HEADS": _TUNING_GROUP_HEADS,
+    "TUNING_UNION": _TUNING_UNION,
     "TUNING_GROUP_FMA": _TUNING_GROUP_FMA, "TUNING_GLUON": _TUNING_GLUON,
     "TUNING_GLUON_CHUNKS": _TUNING_GLUON_CHUNKS, "TUNING_MAXNREG": _TUNING_MAXNREG,
 }
