@@ -91,12 +91,13 @@ def record() -> list:
     launch._Launch.run = run
     launch._INTERPRET = False
     group_on = {key: warps or 2 for key, warps in tuning.TUNING_GROUP.items()}
+    union_on = {key: warps or 1 for key, warps in tuning.TUNING_UNION.items()}
     try:
-        # The triton kernels with the table's group kernels, then with every group kernel on;
-        # the Gluon forward and the weighted features follow with the group kernels still on.
+        # The triton kernels with the table's group kernels, then with every group and union
+        # kernel on; the Gluon forward and the weighted features follow with them still on.
         with tuning.override(TUNING_GLUON={"fwd": False}):
             _attention_passes(tk, testing)
-            with tuning.override(TUNING_GROUP=group_on):
+            with tuning.override(TUNING_GROUP=group_on, TUNING_UNION=union_on):
                 _attention_passes(tk, testing)
                 if forward._attn_fwd_gluon_kernel is not None:
                     with tuning.override(TUNING_GLUON={"fwd": True}):

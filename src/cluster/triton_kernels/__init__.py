@@ -6,12 +6,17 @@ instead of ``tl.dot``: exact float32 (no tf32), the same code for float64. With 
 lists (``lists="cluster"``) the 8 tokens of a cluster share one key list made of whole key
 clusters. The group kernels check that at run time and then use ``tl.dot``: the group
 forward and the query-cluster backward (one program per 8 queries) gather the group's
-keys and values once; the key-cluster backward (one program per 8 keys) walks a
-group-level reverse map of (query group, slot block) pairs, each a dense 8 x 8 block of
-scores. Each group kernel takes only the groups (key side: the batches) that have that
-layout, and the per-query / per-key kernel launched after it takes the rest by the same
-test, on the device: AFF's own per-token lists (whole key clusters, but not shared by a
-cluster's tokens) all go to the per-query / per-key kernels. ``tuning.TUNING_GROUP`` (and
+keys and values once. The key-cluster backward (one program per 8 keys) walks a
+group-level reverse map of (query group, union entry) pairs, each a dense 8 x 8 block of
+scores, built from the union map of union.py: per group of 8 queries, the union of the key
+clusters its queries name and the slot block each query names each one in. That covers
+AFF's own per-token lists (whole key clusters, each query its own) as well as shared ones.
+Each group kernel takes only the groups (key side: the batches) that have its layout, and
+the per-query / per-key kernel launched after it takes the rest, decided on the device: on
+AFF's per-token lists the forward and the query side go to the per-query kernels, the key
+side to the key-cluster kernel. The union forward and query-side kernels (one dense tile
+per chunk of a group's union) exist beside them, off by default (``TUNING_UNION``: no net
+gain once the map is paid for; benchmarks/TUNING.md). ``tuning.TUNING_GROUP`` (and
 ``TUNING_GROUP_HEADS``) say where the group kernels are used on the GPU (16-bit). The
 float32 forward takes the Gluon kernel of gluon_forward.py (``TUNING_GLUON``; D <= 64,
 lists up to 256 slots, Triton 3.6-3.8) and otherwise the group kernel's FMA path
@@ -47,7 +52,9 @@ holds; a reader starts at ``autograd.py`` (the entry points), then ``forward.py`
   ``backward_q.py``: the query side (dq, delta, blank partials, d_pe_table terms);
   ``backward_kv.py``: the key side (dk, dv); ``backward_tail.py``: max |dout| / |v|, the
   tail reductions of d_pe_table and the blank gradients, float64's segment sum;
-  ``reverse_map.py``: every reverse neighbour map, token-level and group-level.
+  ``reverse_map.py``: every reverse neighbour map, token-level and group-level;
+  ``union.py``: the union map of AFF's per-token lists (each cluster of queries' union of
+  key clusters), which the key-cluster backward walks and the union kernels read.
 * ``weighted.py``: the weighted-feature kernels and their launches.
 * ``common.py``: host helpers and the ``@triton.jit`` building blocks the passes share.
 * ``launch.py``: version gates, ``_INTERPRET``, the launcher ``_Launch``,
@@ -75,6 +82,7 @@ from . import (  # noqa: F401  (the submodules, as attributes of the package)
     launch,
     reverse_map,
     tuning,
+    union,
     weighted,
 )
 from .autograd import cluster_attention, weighted_features
@@ -89,7 +97,7 @@ __all__ = [
 
 # The modules that hold kernels (gluon_forward's raw Gluon kernel launches through
 # forward._attn_fwd_gluon_kernel).
-_KERNEL_MODULES = (forward, backward_q, backward_kv, backward_tail, reverse_map, weighted)
+_KERNEL_MODULES = (forward, backward_q, backward_kv, backward_tail, reverse_map, union, weighted)
 
 
 def kernels() -> dict[str, launch._Launch]:
