@@ -259,7 +259,7 @@ CATALOGUE: tuple[Mutant, ...] = (
            KEY_CLUSTER),
     Mutant("triton-union-map-duplicates-merged", TK + "union.py",
            "union map: a query naming one cluster twice gets one entry (its second use lost)",
-           "keys = tl.where(cid >= 0, cid * JB + occ, -1)", "keys = tl.where(cid >= 0, cid * JB, -1)",
+           "key = tl.where(cid >= 0, cid * JB + occ, -1)", "key = tl.where(cid >= 0, cid * JB, -1)",
            UNION),
     Mutant("triton-union-map-straddle-unchecked", TK + "union.py",
            "union map: a slot block naming tokens of two clusters passes as whole",

@@ -68,10 +68,10 @@ def map_possible(M: int) -> bool:
 def _union_map_kernel(IDX, MASK, UC, SLOT, UINFO, GKEY, CNT, BAD, N, M, NKC, CNT_AT, OLD_GROUP,
                       HAS_MASK: tl.constexpr, GROUP: tl.constexpr, JB: tl.constexpr,
                       UCAP: tl.constexpr, KEYS: tl.constexpr):
-    """The union of group g of batch b (see the module's docstring): every slot block
-    checked and reduced to one entry key ([GROUP, JB]), then each query's keys merged into
-    the union built so far ([JB, UCAP] comparisons a query, where comparing all of the
-    group's blocks with each other took [8 JB, 8 JB])."""
+    """The union of group g of batch b (see the module's docstring), one query at a time:
+    each query's [JB, GROUP] tile of slot blocks, checked and reduced to one entry key per
+    block, then merged into the union built so far ([JB, UCAP] comparisons a query, where
+    comparing all of the group's blocks with each other took [8 JB, 8 JB])."""
     g = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n_g = tl.num_programs(0)
@@ -82,41 +82,40 @@ def _union_map_kernel(IDX, MASK, UC, SLOT, UINFO, GKEY, CNT, BAD, N, M, NKC, CNT
     t = tl.arange(0, GROUP)
     u = tl.arange(0, UCAP)
     rr = tl.arange(0, GROUP)
-    # Every query's blocks in one [GROUP, JB, GROUP] load: the loads of the group issue
-    # together, where a load a query waited on each in turn.
-    qs = g * GROUP + rr
-    tile = qs[:, None, None] * M + c[None, :, None] * GROUP + t[None, None, :]
-    in_tile = (qs < N)[:, None, None] & (c < J)[None, :, None] & (t < GROUP)[None, None, :]
-    idx = tl.load(IDX + tile, mask=in_tile, other=0)
-    ok = in_tile
-    if HAS_MASK:
-        ok = ok & (tl.load(MASK + tile, mask=in_tile, other=0) != 0)
+    in_blocks = (c < J)[:, None] & (t[None, :] < GROUP)
+    tile = c[:, None] * GROUP + t[None, :]
     # Shared lists (every valid slot names what the group's first query has in that slot)
     # stay with a shared-list group kernel where one runs (OLD_GROUP).
-    lead = tl.load(IDX + g * GROUP * M + c[None, :, None] * GROUP + t[None, None, :],
-                   mask=in_tile, other=0)
-    stray = tl.max(tl.max(tl.max((ok & (idx != lead)).to(tl.int32), 2), 1), 0)
-    # A whole cluster in order: idx - t is one multiple of GROUP over the block's valid
-    # slots, and every valid index is a key.
-    oor = tl.max((ok & ((idx < 0) | (idx >= N))).to(tl.int32), 2) > 0
-    base = idx.to(tl.int32) - t[None, None, :]
-    used = tl.max(ok.to(tl.int32), 2) > 0
-    hi = tl.max(tl.where(ok, base, -1), 2)
-    lo = tl.min(tl.where(ok, base, 1 << 30), 2)
-    bad_c = used & ((hi != lo) | (hi % GROUP != 0) | oor)
-    broken = tl.max(tl.max(bad_c.to(tl.int32), 1), 0)
-    cid = tl.where(used & ~bad_c, hi // GROUP, -1)  # [GROUP, JB]
-    # Entry keys: (cluster, how many earlier blocks of the same query name it).
-    same = (cid[:, :, None] == cid[:, None, :]) & (cid[:, :, None] >= 0)
-    earlier = c[None, None, :] < c[None, :, None]
-    occ = tl.sum((same & earlier).to(tl.int32), 2)
-    keys = tl.where(cid >= 0, cid * JB + occ, -1)
+    lead = tl.load(IDX + g * GROUP * M + tile, mask=in_blocks, other=0)
+    earlier = c[None, :] < c[:, None]
     ukey = tl.full([UCAP], -1, tl.int32)
     slot = tl.full([UCAP, GROUP], -1, tl.int32)
     n_u = 0
+    broken = 0
+    stray = 0
     for r in tl.static_range(GROUP):
-        # Merge query r's keys into the union built so far.
-        key = tl.max(tl.where(rr[:, None] == r, keys, -1), 0)
+        q = g * GROUP + r
+        in_tile = in_blocks & (q < N)
+        off = q * M + tile
+        idx = tl.load(IDX + off, mask=in_tile, other=0)
+        ok = in_tile
+        if HAS_MASK:
+            ok = ok & (tl.load(MASK + off, mask=in_tile, other=0) != 0)
+        stray = tl.maximum(stray, tl.max(tl.max((ok & (idx != lead)).to(tl.int32), 1), 0))
+        # A whole cluster in order: idx - t is one multiple of GROUP over the block's
+        # valid slots, and every valid index is a key.
+        oor = tl.max((ok & ((idx < 0) | (idx >= N))).to(tl.int32), 1) > 0
+        base = idx.to(tl.int32) - t[None, :]
+        used = tl.max(ok.to(tl.int32), 1) > 0
+        hi = tl.max(tl.where(ok, base, -1), 1)
+        lo = tl.min(tl.where(ok, base, 1 << 30), 1)
+        bad_c = used & ((hi != lo) | (hi % GROUP != 0) | oor)
+        broken = tl.maximum(broken, tl.max(bad_c.to(tl.int32), 0))
+        cid = tl.where(used & ~bad_c, hi // GROUP, -1)
+        # Entry keys: (cluster, how many earlier blocks of this query name it).
+        same = (cid[:, None] == cid[None, :]) & (cid[:, None] >= 0)
+        occ = tl.sum((same & earlier).to(tl.int32), 1)
+        key = tl.where(cid >= 0, cid * JB + occ, -1)
         hit = (key[:, None] == ukey[None, :]) & (key[:, None] >= 0)
         upos = tl.max(tl.where(hit, u[None, :], -1), 1)
         new = (key >= 0) & (upos < 0)
