@@ -37,6 +37,15 @@ def python_map(idx, valid, N, ucap, old_group=False):
                 q = g * 8 + r
                 if q >= N:
                     continue
+                lead = g * 8
+                if r > 0 and all(
+                        (valid is None or valid[b, lead, s]) and idx[b, q, s] == idx[b, lead, s]
+                        for s in range(M) if valid is None or valid[b, q, s]):
+                    # It follows the lead (its valid slots name what the lead's valid slots
+                    # name): the lead's blocks, whatever it masks of them.
+                    for key in slots:
+                        slots[key][r] = slots[key][0]
+                    continue
                 seen = {}
                 for c in range(J):
                     live = [(t, int(idx[b, q, 8 * c + t])) for t in range(8)
@@ -84,7 +93,8 @@ def test_map_of_aff_lists():
     assert int(m.uinfo.max()) > 3, "AFF's per-token lists: unions larger than one query's list"
 
 
-@pytest.mark.parametrize("case", ["per_token", "duplicates", "broken", "shared", "over_cap"])
+@pytest.mark.parametrize("case", ["per_token", "duplicates", "broken", "shared", "follows",
+                                  "over_cap"])
 def test_map_matches_python(case):
     B, N, M = 2, 45, 32
     g = torch.Generator().manual_seed(7)
@@ -105,6 +115,21 @@ def test_map_matches_python(case):
         idx[:, 8:16] = idx[:, 8:9]
         valid[:, 8:16] = valid[:, 8:9]
         old_group = True
+    elif case == "follows":
+        # Group 1 shares one list naming cluster 0 twice (blocks 0 and 2) and cluster 2 in
+        # block 1, which the lead masks: query 10 masks the first use whole and still
+        # follows the lead, query 11 has block 1 valid, so it merges on its own. Group 3
+        # shares query 24's list but query 27 names other clusters.
+        idx[:, 8:16] = idx[:, 8:9]
+        valid[:, 8:16] = valid[:, 8:9]
+        for blk, cl in ((0, 0), (1, 2), (2, 0)):
+            idx[:, 8:16, 8 * blk:8 * blk + 8] = torch.arange(8 * cl, 8 * cl + 8)
+            valid[:, 8:16, 8 * blk:8 * blk + 8] = blk != 1
+        valid[:, 11, 8:16] = True
+        valid[:, 10, 0:8] = False
+        idx[:, 24:32] = idx[:, 24:25]
+        valid[:, 24:32] = valid[:, 24:25]
+        idx[:, 27, 8:16] = idx[:, 40, 0:8]
     elif case == "over_cap":
         # Unions of 5 or 6 clusters past a cap of 4, but group 0's (one list) within it.
         idx[:, 0:8] = idx[:, 0:1]
@@ -119,6 +144,13 @@ def test_map_matches_python(case):
         assert m.uinfo[:, 1].eq(-2).all() and m.uinfo[:, 0].ne(-2).all()
     if case == "over_cap":
         assert m.uinfo.eq(-1).any() and m.uinfo.ge(0).any()
+    if case == "follows":
+        # Query 10 names entry 0 (cluster 0's first use) through the lead's block 0, which
+        # it masks; merged on its own it would name it through block 2. Query 11 names
+        # cluster 2, which the lead's valid slots do not.
+        assert m.uc[:, 1, 0].eq(0).all() and m.slot[:, 1, 0, 2].eq(0).all()
+        assert all(2 in m.uc[b, 1, :int(m.uinfo[b, 1])].tolist() for b in range(B))
+        assert m.uinfo[:, 1].ge(0).all() and m.uinfo[:, 3].ge(0).all()
 
 
 def _leaves(case, dtype):
@@ -154,9 +186,20 @@ def _mixed_case(seed, **flags):
     idx = case["member_idx"].clone()
     idx[0, 3, 16:24] = idx[0, 3, 0:8]
     idx[0, 9, 5] = (idx[0, 9, 5] + 1) % 45
+    # Batch 1's group 2 shares one list naming cluster 1 twice (blocks 0 and 2) and cluster
+    # 3 in block 1, which the lead masks: query 18 masks the first use (it takes the lead's
+    # entries), query 19 has block 1 valid (it merges its own).
+    idx[1, 16:24] = idx[1, 16:17]
+    for blk, cl in ((0, 1), (1, 3), (2, 1)):
+        idx[1, 16:24, 8 * blk:8 * blk + 8] = torch.arange(8 * cl, 8 * cl + 8)
     case["member_idx"] = idx
     if case["mask"] is not None:
         case["mask"][0, 9, 5] = True
+        case["mask"][1, 16:24] = case["mask"][1, 16:17]
+        case["mask"][1, 16:24, 0:24] = True
+        case["mask"][1, 16:24, 8:16] = False
+        case["mask"][1, 19, 8:16] = True
+        case["mask"][1, 18, 0:8] = False
     return case
 
 

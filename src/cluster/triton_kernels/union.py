@@ -16,7 +16,9 @@ to 13 clusters where each query lists 6 or 8. ``_union_map_kernel`` finds, per g
 A group is in the map when every valid slot block of every query is one whole key cluster
 in order (slot 8j + t naming token 8c + t), every index in range, and the union has at
 most UCAP entries. A query naming one cluster twice gets two entries (its first and its
-second use), so duplicates stay duplicates. The forward (forward's ``_attn_fwd_union_kernel``) and
+second use), so duplicates stay duplicates. A query whose valid slots all name what the
+group's first query names in its own valid slots takes that query's blocks (SLOT column 0)
+without a merge of its own: shared lists cost one merge a group. The forward (forward's ``_attn_fwd_union_kernel``) and
 the query side of the backward (backward_q's ``_attn_bwd_q_union_kernel``) then take a group as a
 [8, CHUNK * 8] dense tile per chunk of CHUNK union entries: the chunk's keys and values
 loaded once, scores and outputs as tl.dot products, each query's bias and mask read
@@ -63,6 +65,38 @@ def map_possible(M: int) -> bool:
     return M % _GROUP == 0 and _GROUP <= M <= tuning.UNION_MAX_M
 
 
+@triton.jit
+def _union_merge(idx, ok, ukey, n_u, broken, c, t, u, earlier, N, GROUP: tl.constexpr,
+                 JB: tl.constexpr):
+    """One query's [JB, GROUP] slot blocks (idx, ok) checked and merged into the union
+    (ukey, n_u): the union and ``broken`` updated, and the block naming each entry (col)."""
+    # A whole cluster in order: idx - t is one multiple of GROUP over the block's
+    # valid slots, and every valid index is a key.
+    oor = tl.max((ok & ((idx < 0) | (idx >= N))).to(tl.int32), 1) > 0
+    base = idx.to(tl.int32) - t[None, :]
+    used = tl.max(ok.to(tl.int32), 1) > 0
+    hi = tl.max(tl.where(ok, base, -1), 1)
+    lo = tl.min(tl.where(ok, base, 1 << 30), 1)
+    bad_c = used & ((hi != lo) | (hi % GROUP != 0) | oor)
+    broken = tl.maximum(broken, tl.max(bad_c.to(tl.int32), 0))
+    cid = tl.where(used & ~bad_c, hi // GROUP, -1)
+    # Entry keys: (cluster, how many earlier blocks of this query name it).
+    same = (cid[:, None] == cid[None, :]) & (cid[:, None] >= 0)
+    occ = tl.sum((same & earlier).to(tl.int32), 1)
+    key = tl.where(cid >= 0, cid * JB + occ, -1)
+    hit = (key[:, None] == ukey[None, :]) & (key[:, None] >= 0)
+    upos = tl.max(tl.where(hit, u[None, :], -1), 1)
+    new = (key >= 0) & (upos < 0)
+    pos = n_u + tl.cumsum(new.to(tl.int32), 0) - 1
+    put = new[:, None] & (pos[:, None] == u[None, :])
+    ukey = tl.maximum(ukey, tl.max(tl.where(put, key[:, None], -1), 0))
+    upos = tl.where(new, pos, upos)
+    n_u += tl.sum(new.to(tl.int32), 0)
+    col = tl.max(tl.where((upos[:, None] == u[None, :]) & (key >= 0)[:, None],
+                          c[:, None], -1), 0)
+    return ukey, n_u, broken, col
+
+
 @_Launch
 @triton.jit
 def _union_map_kernel(IDX, MASK, UC, SLOT, UINFO, GKEY, CNT, BAD, N, M, NKC, CNT_AT, OLD_GROUP,
@@ -102,30 +136,20 @@ def _union_map_kernel(IDX, MASK, UC, SLOT, UINFO, GKEY, CNT, BAD, N, M, NKC, CNT
         if HAS_MASK:
             ok = ok & (tl.load(MASK + off, mask=in_tile, other=0) != 0)
         stray = tl.maximum(stray, tl.max(tl.max((ok & (idx != lead)).to(tl.int32), 1), 0))
-        # A whole cluster in order: idx - t is one multiple of GROUP over the block's
-        # valid slots, and every valid index is a key.
-        oor = tl.max((ok & ((idx < 0) | (idx >= N))).to(tl.int32), 1) > 0
-        base = idx.to(tl.int32) - t[None, :]
-        used = tl.max(ok.to(tl.int32), 1) > 0
-        hi = tl.max(tl.where(ok, base, -1), 1)
-        lo = tl.min(tl.where(ok, base, 1 << 30), 1)
-        bad_c = used & ((hi != lo) | (hi % GROUP != 0) | oor)
-        broken = tl.maximum(broken, tl.max(bad_c.to(tl.int32), 0))
-        cid = tl.where(used & ~bad_c, hi // GROUP, -1)
-        # Entry keys: (cluster, how many earlier blocks of this query name it).
-        same = (cid[:, None] == cid[None, :]) & (cid[:, None] >= 0)
-        occ = tl.sum((same & earlier).to(tl.int32), 1)
-        key = tl.where(cid >= 0, cid * JB + occ, -1)
-        hit = (key[:, None] == ukey[None, :]) & (key[:, None] >= 0)
-        upos = tl.max(tl.where(hit, u[None, :], -1), 1)
-        new = (key >= 0) & (upos < 0)
-        pos = n_u + tl.cumsum(new.to(tl.int32), 0) - 1
-        put = new[:, None] & (pos[:, None] == u[None, :])
-        ukey = tl.maximum(ukey, tl.max(tl.where(put, key[:, None], -1), 0))
-        upos = tl.where(new, pos, upos)
-        n_u += tl.sum(new.to(tl.int32), 0)
-        col = tl.max(tl.where((upos[:, None] == u[None, :]) & (key >= 0)[:, None],
-                              c[:, None], -1), 0)
+        if r == 0:
+            lead_ok = ok
+            ukey, n_u, broken, col = _union_merge(idx, ok, ukey, n_u, broken, c, t, u, earlier,
+                                                  N, GROUP, JB)
+            col0 = col
+        else:
+            # A query whose valid slots all name what the lead names in the lead's valid
+            # slots has the lead's entries (shared lists: one merge a group, not eight).
+            ahead = tl.max(tl.max((ok & (~lead_ok | (idx != lead))).to(tl.int32), 1), 0)
+            if ahead == 0:
+                col = tl.where(q < N, col0, -1)
+            else:
+                ukey, n_u, broken, col = _union_merge(idx, ok, ukey, n_u, broken, c, t, u,
+                                                      earlier, N, GROUP, JB)
         slot = tl.where(rr[None, :] == r, col[:, None], slot)
     whole = (broken == 0) & (n_u <= UCAP)
     ucl = tl.where(ukey >= 0, ukey // JB, -1)
