@@ -283,3 +283,25 @@ def test_union_kernels_gradcheck_fp64():
 
     assert torch.autograd.gradcheck(f, tuple(c[n] for n in names), eps=1e-6, atol=1e-7,
                                     fast_mode=True)
+
+
+@pytest.mark.usefixtures("group_kernels_on")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+def test_map_built_once_a_step(monkeypatch, deterministic):
+    # With the union forward on, the forward builds the backward's map and the backward
+    # takes it; a forward under no_grad builds none (nothing would read it after).
+    calls = []
+    real = union._union_map
+    monkeypatch.setattr(union, "_union_map", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    c = _leaves(_mixed_case(48), torch.float32)
+    kw = {n: c[n] for n in KWARGS}
+    with torch.no_grad():
+        ops.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], **kw, backend="triton",
+                              deterministic=deterministic)
+    assert calls == []
+    out = ops.cluster_attention(c["q"], c["k"], c["v"], c["member_idx"], **kw, backend="triton",
+                                deterministic=deterministic)
+    assert len(calls) == 1, "the forward builds the map"
+    out.sum().backward()
+    assert len(calls) == 1, "the backward takes the forward's map"
+    assert c["k"].grad.abs().sum() > 0

@@ -207,7 +207,7 @@ def test_per_query_kernel_on_shared_lists(shape):
 def test_group_shared_lists_fp64(stray_every):
     case = make_case(2, 3, 61, 12, 24, seed=21, empty_rows=True, blank=False, group=8,
                      stray_every=stray_every, device=_DEV)
-    out, lse = forward._attn_forward(case["q"], case["k"], case["v"], case["member_idx"],
+    out, lse, _ = forward._attn_forward(case["q"], case["k"], case["v"], case["member_idx"],
                                      case["pe_table"], case["pe_idx"], case["mask"],
                                      case["blank_k"], case["blank_v"], 0.37)
     assert_close(out, run_reference(case, scale=0.37), 1e-12, "out")

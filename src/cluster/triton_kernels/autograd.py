@@ -27,7 +27,9 @@ def _attn_fwd_op(
     pe_idx: Tensor | None, mask: Tensor | None, blank_k: Tensor | None,
     blank_v: Tensor | None, scale: float, deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
-    return _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale)
+    # The custom op's backward builds its own union map: ops cannot pass it between them.
+    return _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
+                         scale)[:2]
 
 
 @_attn_fwd_op.register_fake
@@ -83,12 +85,12 @@ def _attn_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _attn_backward_autograd(ctx, dout, _dlse, backward=_attn_bwd_op):
+def _attn_backward_autograd(ctx, dout, _dlse, backward=_attn_bwd_op, **kept):
     q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, blank_k, blank_v = ctx.saved_tensors
     need = ctx.needs_input_grad
     dq, dk, dv, dpe, dbk, dbv = backward(
         dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
-        ctx.scale, ctx.deterministic, bool(need[1] or need[2]), bool(need[4]),
+        ctx.scale, ctx.deterministic, bool(need[1] or need[2]), bool(need[4]), **kept,
     )
     return (
         dq if need[0] else None,
@@ -154,16 +156,21 @@ class _AttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale,
-                deterministic):
+                deterministic, grad_mode):
         inputs = (q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale,
                   deterministic)
-        out, lse = _attn_forward(*inputs[:10])
+        need = ctx.needs_input_grad
+        # The backward's union map, built by the forward where its union kernel reads it
+        # (needs_input_grad ignores torch.no_grad: grad_mode is the caller's mode).
+        keep = (deterministic, bool(need[1] or need[2])) if grad_mode and any(need) else None
+        out, lse, ctx.kept_map = _attn_forward(*inputs[:10], keep=keep)
         _save_attn_context(ctx, inputs, out, lse)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        return _attn_backward_autograd(ctx, dout, None, backward=_attn_backward)
+        return (*_attn_backward_autograd(ctx, dout, None, backward=_attn_backward,
+                                         kept=ctx.kept_map), None)
 
 
 def cluster_attention(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale,
@@ -177,7 +184,7 @@ def cluster_attention(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blan
             bool(deterministic))
     if torch.compiler.is_compiling():
         return _attn_fwd_op(*args)[0]
-    return _AttnFunction.apply(*args)
+    return _AttnFunction.apply(*args, torch.is_grad_enabled())
 
 
 def weighted_features(weights, feat, member_idx):

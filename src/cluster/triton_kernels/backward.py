@@ -61,8 +61,29 @@ def _zeroed(device: torch.device, *sizes: tuple[int, torch.dtype]) -> list[torch
     return parts
 
 
+def _map_plan(N: int, D: int, M: int, dtype: torch.dtype, compute_kv: bool):
+    """(old_group, keys) of the union map the backward builds (_group_reverse_map's
+    arguments), or None where it builds none."""
+    q_blocks = backward_q._blocks(N, D, M, dtype)
+    keys = compute_kv and _kv_group_blocks(D, M, dtype) is not None
+    if q_blocks[3] is None and not keys:
+        return None
+    return q_blocks[0] is not None, keys
+
+
+def _build_map(idx, mask_u8, N, D, dtype, deterministic, compute_kv, old_group):
+    """For the forward: ``(plan, _group_reverse_map's result)`` of the backward that
+    follows, built now, or None where that backward builds no map or one of another
+    ``old_group`` (the forward's union kernel would then read another verdict)."""
+    plan = _map_plan(N, D, idx.shape[-1], dtype, compute_kv)
+    if plan is None or plan[0] != old_group:
+        return None
+    return plan, _group_reverse_map(idx, mask_u8, N, deterministic, old_group=plan[0],
+                                    keys=plan[1])
+
+
 def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, blank_k,
-                   blank_v, scale, deterministic, compute_kv, compute_pe):
+                   blank_v, scale, deterministic, compute_kv, compute_pe, kept=None):
     B, H, N, D = q.shape
     M = member_idx.shape[-1]
     dev = q.device
@@ -87,6 +108,10 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=dev)
     delta = torch.empty((B, H, N), dtype=acc, device=dev)
     kv_group = _kv_group_blocks(D, M, q.dtype) if compute_kv else None
+    # The forward's map (_build_map), where it built the one this call would.
+    plan = _map_plan(N, D, M, q.dtype, compute_kv)
+    if kept is not None and (plan is None or kept[0] != plan):
+        kept = None
     dpe_mode = 0
     n_rep = 1
     dpe = dsbuf = dpe_scale = None
@@ -111,7 +136,8 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     plan = _tail_plan(R, H * D) if has_blank else (1, 1, 0, 0, 0)
     n_chunks, n_pieces = plan[2], plan[3]
     zeroed = _zeroed(dev, (n_sums, sum_dtype),
-                     (_group_map_words(B, N) if kv_group is not None else 0, torch.int32),
+                     (_group_map_words(B, N) if kv_group is not None and kept is None else 0,
+                      torch.int32),
                      (B * (N + 1) if compute_kv and not deterministic else 0, torch.int32),
                      (3 if fixed else 0, torch.float32),
                      (2 * n_chunks if n_pieces > 1 else 0, torch.int32))
@@ -140,7 +166,9 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         # group-level map, from one launch.
         umap = None
         umap_keys = (None, None, None)
-        if q_blocks[3] is not None or kv_group is not None:
+        if kept is not None:
+            umap, *umap_keys = kept[1]
+        elif plan is not None:
             umap, *umap_keys = _group_reverse_map(
                 idx, mask_u8 if has_mask else None, N, deterministic, zeroed[1],
                 old_group=q_blocks[0] is not None, keys=kv_group is not None)

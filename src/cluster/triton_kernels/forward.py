@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common, launch, tuning, union
+from . import backward, common, launch, tuning, union
 from . import gluon_forward as _gluon
 from .common import (
     _GROUP,
@@ -433,7 +433,14 @@ def _lead_slots(block_d: int, M: int, dtype: torch.dtype) -> int:
     return min(sizes, key=lambda c: (_cdiv(M, c) * c + 8 * _cdiv(M, c), -c))
 
 
-def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale):
+def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale,
+                  keep=None):
+    """(out, lse, kept). ``keep``: (deterministic, compute_kv) of the backward that follows,
+    or None (no backward, or one that builds its own map). With it, where the union forward
+    is on and the backward would build the same union map, the forward builds that map
+    (backward._build_map), runs the union kernel on it and returns it as ``kept`` for the
+    backward (else None): built for the forward alone, the map costs what the union kernel
+    saves."""
     B, H, N, D = q.shape
     M = member_idx.shape[-1]
     q, k, v = _lastdim_unit(q), _lastdim_unit(k), _lastdim_unit(v)
@@ -460,12 +467,14 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
     pe_span = ((pe_t.shape[0] - 1) * pe_t.stride(0) + (H - 1) * pe_t.stride(1)) if has_pe else 0
     gluon = _gluon_blocks(D, M, q.dtype, pe_span)
     union_warps = union.union_blocks(D, M, q.dtype, "fwd")
+    kept = None
     with _device_guard(q):
         umap = None
-        if union_warps is not None:
+        if union_warps is not None and keep is not None:
             # Groups sharing one list stay with the Gluon / group kernel where one runs.
-            umap = union._union_map(idx, mask_u8 if has_mask else None,
-                                    old_group=gluon is not None or grouped is not None)
+            kept = backward._build_map(idx, mask_u8 if has_mask else None, N, D, q.dtype,
+                                       *keep, old_group=gluon is not None or grouped is not None)
+            umap = kept[1][0] if kept is not None else None
         if gluon is not None:
             hpg, nhg = common._head_groups(n_groups, B, H, q.device, per_sm=tuning.GLUON_PER_SM)
             _attn_fwd_gluon_kernel[(n_groups, B * nhg)](
@@ -505,4 +514,4 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
             BROKEN_ONLY=gluon is not None or grouped is not None, GROUP=_GROUP,
             TEST_M=_test_slots(M), MAPPED=1 if umap is not None else 0,
         )
-    return out, lse
+    return out, lse, kept
