@@ -13,10 +13,12 @@ clusters its queries name and the slot block each query names each one in. That 
 AFF's own per-token lists (whole key clusters, each query its own) as well as shared ones.
 Each group kernel takes only the groups (key side: the batches) that have its layout, and
 the per-query / per-key kernel launched after it takes the rest, decided on the device: on
-AFF's per-token lists the forward and the query side go to the per-query kernels, the key
-side to the key-cluster kernel. The union forward and query-side kernels (one dense tile
-per chunk of a group's union) exist beside them, off by default (``TUNING_UNION``: no net
-gain once the map is paid for; benchmarks/TUNING.md). ``tuning.TUNING_GROUP`` (and
+AFF's per-token lists the query side goes to the per-query kernel, the key
+side to the key-cluster kernel. In 16-bit a forward with grad takes the union forward
+(one dense tile per chunk of a group's union) on the map it builds for the backward and
+hands over; under no_grad it keeps the per-query kernel (a map for the forward alone costs
+what the union kernel saves). The union query side stays off (``TUNING_UNION``;
+benchmarks/TUNING.md). ``tuning.TUNING_GROUP`` (and
 ``TUNING_GROUP_HEADS``) say where the group kernels are used on the GPU (16-bit). The
 float32 forward takes the Gluon kernel of gluon_forward.py (``TUNING_GLUON``; D <= 64,
 lists up to 256 slots, Triton 3.6-3.8) and otherwise the group kernel's FMA path
