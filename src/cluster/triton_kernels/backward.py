@@ -109,8 +109,8 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     delta = torch.empty((B, H, N), dtype=acc, device=dev)
     kv_group = _kv_group_blocks(D, M, q.dtype) if compute_kv else None
     # The forward's map (_build_map), where it built the one this call would.
-    plan = _map_plan(N, D, M, q.dtype, compute_kv)
-    if kept is not None and (plan is None or kept[0] != plan):
+    map_plan = _map_plan(N, D, M, q.dtype, compute_kv)
+    if kept is not None and (map_plan is None or kept[0] != map_plan):
         kept = None
     dpe_mode = 0
     n_rep = 1
@@ -168,7 +168,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         umap_keys = (None, None, None)
         if kept is not None:
             umap, *umap_keys = kept[1]
-        elif plan is not None:
+        elif map_plan is not None:
             umap, *umap_keys = _group_reverse_map(
                 idx, mask_u8 if has_mask else None, N, deterministic, zeroed[1],
                 old_group=q_blocks[0] is not None, keys=kv_group is not None)
