@@ -61,21 +61,21 @@ def _zeroed(device: torch.device, *sizes: tuple[int, torch.dtype]) -> list[torch
     return parts
 
 
-def _map_plan(N: int, D: int, M: int, dtype: torch.dtype, compute_kv: bool):
-    """(old_group, keys) of the union map the backward builds (_group_reverse_map's
-    arguments), or None where it builds none."""
-    q_blocks = backward_q._blocks(N, D, M, dtype)
-    keys = compute_kv and _kv_group_blocks(D, M, dtype) is not None
-    if q_blocks[3] is None and not keys:
+def _map_plan(q_blocks, kv_group):
+    """(old_group, keys) of the union map a backward of these query-side blocks and
+    key-cluster blocks builds (_group_reverse_map's arguments), or None where it builds none."""
+    if q_blocks[3] is None and kv_group is None:
         return None
-    return q_blocks[0] is not None, keys
+    return q_blocks[0] is not None, kv_group is not None
 
 
 def _build_map(idx, mask_u8, N, D, dtype, deterministic, compute_kv, old_group):
     """For the forward: ``(plan, _group_reverse_map's result)`` of the backward that
     follows, built now, or None where that backward builds no map or one of another
     ``old_group`` (the forward's union kernel would then read another verdict)."""
-    plan = _map_plan(N, D, idx.shape[-1], dtype, compute_kv)
+    M = idx.shape[-1]
+    plan = _map_plan(backward_q._blocks(N, D, M, dtype),
+                     _kv_group_blocks(D, M, dtype) if compute_kv else None)
     if plan is None or plan[0] != old_group:
         return None
     return plan, _group_reverse_map(idx, mask_u8, N, deterministic, old_group=plan[0],
@@ -109,7 +109,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     delta = torch.empty((B, H, N), dtype=acc, device=dev)
     kv_group = _kv_group_blocks(D, M, q.dtype) if compute_kv else None
     # The forward's map (_build_map), where it built the one this call would.
-    map_plan = _map_plan(N, D, M, q.dtype, compute_kv)
+    map_plan = _map_plan(q_blocks, kv_group)
     if kept is not None and (map_plan is None or kept[0] != map_plan):
         kept = None
     dpe_mode = 0
@@ -171,7 +171,7 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
         elif map_plan is not None:
             umap, *umap_keys = _group_reverse_map(
                 idx, mask_u8 if has_mask else None, N, deterministic, zeroed[1],
-                old_group=q_blocks[0] is not None, keys=kv_group is not None)
+                old_group=map_plan[0], keys=map_plan[1])
         # 3. The query side: delta, dq, the blank's partial rows, d_pe_table's terms.
         backward_q._bwd_q(q_blocks, hpg, nhg, q, k, v, out, dout, lse, delta, dq, idx, pe_idx,
                           mask_u8, pe_t, bk, bv, dpe, dsbuf, amax_do, amax_v, dpe_scale,
