@@ -62,7 +62,7 @@ def record() -> list:
 
     from cluster import testing
     from cluster import triton_kernels as tk
-    from cluster.triton_kernels import forward, launch, tuning
+    from cluster.triton_kernels import common, forward, launch, tuning
 
     launches: dict[str, list] = {}
 
@@ -87,9 +87,12 @@ def record() -> list:
 
     # The launcher records instead of launching, and the host code decides as on a GPU (block
     # sizes, FTZ, dot flags, kernel choices): the package's two switches, restored below.
-    saved = (launch._Launch.run, launch._INTERPRET)
+    # No kernel runs, so no map flag is ever computed: the host reads every flag as unknown
+    # (as in a CUDA graph's capture) and records the launches the device would decide on.
+    saved = (launch._Launch.run, launch._INTERPRET, common._HostFlags.any)
     launch._Launch.run = run
     launch._INTERPRET = False
+    common._HostFlags.any = lambda self: None
     group_on = {key: warps or 2 for key, warps in tuning.TUNING_GROUP.items()}
     union_on = {key: warps or 1 for key, warps in tuning.TUNING_UNION.items()}
     try:
@@ -115,7 +118,7 @@ def record() -> list:
                     idx = torch.randint(0, 24, (1, 24, 16), generator=g)
                     tk.weighted_features(w, f, idx).float().sum().backward()
     finally:
-        launch._Launch.run, launch._INTERPRET = saved
+        launch._Launch.run, launch._INTERPRET, common._HostFlags.any = saved
     return list(launches.values())
 
 

@@ -173,8 +173,9 @@ class ClusterAttention(nn.Module):
         h = self.num_heads
         d = c // h
         q = self.q(feat).view(b, n, h, d).permute(0, 2, 1, 3)  # b x h x n x d, a view
-        kv = self.kv(feat).view(b, n, h, 2, d).permute(3, 0, 2, 1, 4)  # 2 x b x h x n x d
-        k, v = kv[0], kv[1]
+        # unbind, not kv[0] / kv[1]: its backward stacks dk and dv in one copy, where two
+        # selects would each zero a whole kv-sized gradient and then add the two.
+        k, v = (t.permute(0, 2, 1, 3) for t in self.kv(feat).view(b, n, h, 2, d).unbind(3))
         pe_table = self._bias_table(feat)  # T x h, once per forward
         blank_k = self.blank_k.view(h, d)
         blank_v = self.blank_v.view(h, d)

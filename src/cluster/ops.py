@@ -306,7 +306,10 @@ def cluster_attention(
             already known to be valid.
 
     Returns ``[B, H, N, D]`` in q's dtype. Parameters (pe_table, blank_*) may be float32
-    beside low-precision q; their gradients come back in their own dtype.
+    beside low-precision q; their gradients come back in their own dtype. The triton
+    backend lays the output and q's gradient out in memory as q is (dense, in the order of
+    q's strides): for a q that is a ``[B, N, H, D]`` buffer seen as ``[B, H, N, D]``, the
+    output's ``permute(0, 2, 1, 3).reshape(B, N, H * D)`` copies nothing.
     """
     a = check_inputs(
         q, k, v, member_idx, pe_table=pe_table, pe_idx=pe_idx, mask=mask, blank_k=blank_k,

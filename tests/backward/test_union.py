@@ -305,3 +305,67 @@ def test_map_built_once_a_step(monkeypatch, deterministic):
     out.sum().backward()
     assert len(calls) == 1, "the backward takes the forward's map"
     assert c["k"].grad.abs().sum() > 0
+
+
+def _module_views(case, dtype):
+    # AFF's module layout: q a [B, N, H, D] buffer seen as [B, H, N, D], k and v the two
+    # halves of one [B, N, H, 2, D] (nn.ClusterAttention's unbind).
+    q = case["q"].to(_DEV, dtype).permute(0, 2, 1, 3).contiguous().requires_grad_()
+    kv = torch.stack([case["k"], case["v"]], -2).to(_DEV, dtype).permute(0, 2, 1, 3, 4)
+    kv = kv.contiguous().requires_grad_()
+    k, v = (t.permute(0, 2, 1, 3) for t in kv.unbind(3))
+    return q, kv, q.permute(0, 2, 1, 3), k, v
+
+
+@pytest.mark.parametrize("kind", ["union", "per_query", "shared_group"])
+def test_module_layout_in_every_kernel(kind):
+    # out and dq come back in q's layout (no copy for the module's reshape and projection),
+    # and every kernel that writes them addresses that layout: values against float64.
+    case = (make_case(2, 2, 45, 12, 24, seed=50, group=8) if kind == "shared_group"
+            else _mixed_case(49))
+    if kind == "per_query":
+        ctx = tuning.override(TUNING_UNION={key: None for key in tuning.TUNING_UNION})
+    else:
+        ctx = tuning.override(
+            TUNING_GROUP={key: warps or 2 for key, warps in tuning.TUNING_GROUP.items()},
+            TUNING_UNION={key: warps or 1 for key, warps in tuning.TUNING_UNION.items()})
+    g = torch.Generator().manual_seed(4)
+    dout = torch.randn(case["q"].shape, generator=g, dtype=torch.float64).to(_DEV)
+    ref_out, ref_g = _fwd_bwd(case, torch.float64, "reference", dout)
+    c = _leaves(case, torch.float32)
+    qb, kvb, q, k, v = _module_views(case, torch.float32)
+    seen = []
+    q.register_hook(lambda grad: seen.append(grad.stride()))
+    with ctx:
+        out = ops.cluster_attention(q, k, v, c["member_idx"], **{n: c[n] for n in KWARGS},
+                                    backend="triton")
+        assert out.stride() == q.stride(), "out in q's layout"
+        out.backward(dout.to(out.dtype).permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3))
+    assert seen == [q.stride()], "dq in q's layout"
+    got = {"out": out, "dq": qb.grad.permute(0, 2, 1, 3), "dk": kvb.grad[..., 0, :].permute(0, 2, 1, 3),
+           "dv": kvb.grad[..., 1, :].permute(0, 2, 1, 3)}
+    want = {"out": ref_out, "dq": ref_g["q"], "dk": ref_g["k"], "dv": ref_g["v"]}
+    for name in got:
+        err = (got[name].double() - want[name]).abs().max().item()
+        assert err <= 2e-5 * max(1.0, want[name].abs().max().item()), f"{name}: {err:.3e}"
+
+
+@pytest.mark.usefixtures("group_kernels_on")
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+def test_token_map_only_where_flagged(monkeypatch, deterministic):
+    # The key side builds the token-level reverse map (a [B, N * M] buffer) only where the
+    # group-level map flags a batch: never on AFF's lists, and for _mixed_case's batch 0
+    # (a straddling block) yes, with the gradients right either way.
+    from cluster.triton_kernels import backward
+    calls = []
+    for name in ("_reverse_map_counting", "_reverse_map_stable"):
+        real = getattr(backward, name)
+        monkeypatch.setattr(backward, name,
+                            lambda *a, _real=real, **kw: calls.append(1) or _real(*a, **kw))
+    inp = testing.make_inputs(testing.Config("t", B=2, N=45, C=24, H=2, M=24), seed=8)
+    aff = dict(q=inp.q, k=inp.k, v=inp.v, member_idx=inp.member_idx, pe_table=inp.pe_table,
+               pe_idx=inp.pe_idx, mask=inp.mask, blank_k=inp.blank_k, blank_v=inp.blank_v)
+    _check(aff, torch.float32, 2e-5, deterministic)
+    assert calls == [], "AFF's lists: no token-level map"
+    _check(_mixed_case(51), torch.float32, 2e-5, deterministic)
+    assert calls == [1], "a flagged batch: the token-level map"

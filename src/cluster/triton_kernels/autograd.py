@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .backward import _attn_backward
-from .common import _acc_dtype
+from .common import _acc_dtype, _dense_like, _lastdim_unit
 from .forward import _attn_forward
 from .weighted import _wf_backward, _wf_forward
 
@@ -36,7 +36,8 @@ def _attn_fwd_op(
 def _attn_fwd_fake(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v, scale,
                    deterministic):
     B, H, N, D = q.shape
-    return (q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=_acc_dtype(q.dtype)))
+    # out in q's layout, as _attn_forward allocates it
+    return _dense_like(_lastdim_unit(q)), q.new_empty((B, H, N), dtype=_acc_dtype(q.dtype))
 
 
 @torch.library.custom_op("cluster_triton::attn_bwd", mutates_args=())
@@ -54,7 +55,7 @@ def _attn_bwd_op(
 def _attn_bwd_fake(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, blank_k,
                    blank_v, scale, deterministic, compute_kv, compute_pe):
     B, H, N, D = q.shape
-    dq = q.new_empty((B, H, N, D))
+    dq = _dense_like(_lastdim_unit(q))  # as _attn_backward allocates it
     if compute_kv:
         dk, dv = k.new_empty((B, H, N, D)), v.new_empty((B, H, N, D))
     else:

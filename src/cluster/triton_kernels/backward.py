@@ -78,8 +78,15 @@ def _build_map(idx, mask_u8, N, D, dtype, deterministic, compute_kv, old_group):
                      _kv_group_blocks(D, M, dtype) if compute_kv else None)
     if plan is None or plan[0] != old_group:
         return None
-    return plan, _group_reverse_map(idx, mask_u8, N, deterministic, old_group=plan[0],
-                                    keys=plan[1])
+    built = _group_reverse_map(idx, mask_u8, N, deterministic, old_group=plan[0],
+                               keys=plan[1])
+    return plan, built, _token_flags(built)
+
+
+def _token_flags(built):
+    """The host's copy of the group-level map's ``bad`` flags (common._HostFlags), or None
+    where the map has no key side."""
+    return common._HostFlags(built[3]) if built[3] is not None else None
 
 
 def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, blank_k,
@@ -105,7 +112,11 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     hi, lo = _split_scale(scale)
     hpg, nhg = common._head_groups(n_qblocks, B, H, dev)
 
-    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=dev)
+    # dq in q's layout, as the forward laid out out: the query-side kernels store dq with
+    # out's strides (an out of another layout, e.g. a caller's copy, is copied to it once).
+    dq = common._dense_like(q)
+    if out.stride() != dq.stride():
+        out = common._dense_like(q).copy_(out)
     delta = torch.empty((B, H, N), dtype=acc, device=dev)
     kv_group = _kv_group_blocks(D, M, q.dtype) if compute_kv else None
     # The forward's map (_build_map), where it built the one this call would.
@@ -164,14 +175,16 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             _dpe_fixed_amax(dout, v, bv if has_blank else None, amax[0:2])
         # The union map (union.py) for the query side's union kernel and the key side's
         # group-level map, from one launch.
-        umap = None
+        umap = flags = None
         umap_keys = (None, None, None)
         if kept is not None:
-            umap, *umap_keys = kept[1]
+            (umap, *umap_keys), flags = kept[1], kept[2]
         elif map_plan is not None:
-            umap, *umap_keys = _group_reverse_map(
+            built = _group_reverse_map(
                 idx, mask_u8 if has_mask else None, N, deterministic, zeroed[1],
                 old_group=map_plan[0], keys=map_plan[1])
+            umap, *umap_keys = built
+            flags = _token_flags(built)
         # 3. The query side: delta, dq, the blank's partial rows, d_pe_table's terms.
         backward_q._bwd_q(q_blocks, hpg, nhg, q, k, v, out, dout, lse, delta, dq, idx, pe_idx,
                           mask_u8, pe_t, bk, bv, dpe, dsbuf, amax_do, amax_v, dpe_scale,
@@ -187,9 +200,16 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             if kv_group is not None:
                 gperm, gptr, bad = umap_keys
             # Token-level maps only for the batches the group-level map flags (none on AFF's
-            # inputs), decided on the device: a sync here would leave the GPU idle while the
-            # host issues the rest, in every layer's backward.
-            if not deterministic:
+            # inputs). The host reads the flags from the map's copy (an event wait, not a
+            # drain: the query side is queued behind it) and, where none is set, builds no
+            # token-level map (a [B, N * M] int32 buffer: 32 MiB at affmae_stage1) and
+            # launches no per-key kernel. Where the flags are unknown (a CUDA graph's
+            # capture), the device decides as before: the map is built for the flagged
+            # batches only.
+            tokens = kv_group is None or flags is None or flags.any() is not False
+            if not tokens:
+                perm = ptr = None
+            elif not deterministic:
                 perm, ptr = _reverse_map_counting(idx, masks, N, need=bad, count=zeroed[2])
             elif kv_group is None:
                 perm, ptr = _reverse_map(idx, mask_b, N)

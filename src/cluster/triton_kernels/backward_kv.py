@@ -299,7 +299,8 @@ def _bwd_kv(kv_group, q, k, v, dout, lse, delta, dk, dv, perm, ptr, gperm, gptr,
             mask_u8, pe_t, M, hi, lo, has_pe, has_mask, umap=None):
     """One launch of the key side into dk, dv: the key-cluster kernel (``kv_group`` from
     :func:`_kv_group_blocks`, with the group-level map gperm / gptr / bad) or, for None, the
-    per-key kernel; both walk the token-level map perm / ptr where they need it."""
+    per-key kernel; both walk the token-level map perm / ptr where they need it. perm None
+    (the host knows no batch is flagged): the key-cluster kernel alone."""
     B, H, N, D = q.shape
     dev = q.device
     kv_args = (
@@ -321,6 +322,8 @@ def _bwd_kv(kv_group, q, k, v, dout, lse, delta, dk, dv, perm, ptr, gperm, gptr,
             **_dot_flags(q.dtype), FTZ=_ftz(q.dtype), ACC=_tl_acc(q.dtype),
             num_warps=gw, maxnreg=_maxnreg("bwd_kv_group", q.dtype),
         )
+    if perm is None:
+        return
     # Every key, or after the key-cluster kernel the batches it left (bad, decided on the
     # device: the token-level map is built for those batches only).
     kv_hpg, kv_nhg = common._head_groups(_cdiv(N, BK_), B, H, dev)

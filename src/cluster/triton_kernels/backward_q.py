@@ -158,7 +158,7 @@ def _bwd_q_rows(
         dq += tl.sum(ds[:, :, None] * kt, 1)
         _bwd_q_dpe(DPE, DSBUF, ds, pe, ok, off, rep, h, T, H, dpe_scale, DPE_MODE)
     dq = dq * scale_hi + dq * scale_lo
-    tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
+    tl.store(DQ + h * soh + offs_q[:, None] * son + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qd_ok)
 
 
@@ -167,7 +167,7 @@ def _bwd_q_batch(Q, K, V, O, DO, DQ, LSE, DELTA, IDX, PEIDX, MASK, DSBUF, b,
                  sqb, skb, svb, sob, sdob, H, N, M, D):
     """The query-side kernels' pointers offset to batch b."""
     return (Q + b * sqb, K + b * skb, V + b * svb, O + b * sob, DO + b * sdob,
-            DQ + b * H * N * D, LSE + b * H * N, DELTA + b * H * N, IDX + b * N * M,
+            DQ + b * sob, LSE + b * H * N, DELTA + b * H * N, IDX + b * N * M,
             PEIDX + b * N * M, MASK + b * N * M, DSBUF + b * N * M * H)
 
 
@@ -295,7 +295,7 @@ def _attn_bwd_q_cluster_kernel(
                 dq += _mma(ds.to(k.dtype), k, UPCAST).to(ACC)
             _bwd_q_dpe(DPE, DSBUF, ds, pe, ok, off, rep, h, T, H, dpe_scale, DPE_MODE)
             dq = dq * scale_hi + dq * scale_lo
-            tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
+            tl.store(DQ + h * soh + offs_q[:, None] * son + offs_d[None, :],
                      dq.to(DQ.dtype.element_ty), mask=qd_ok)
 
 
@@ -330,7 +330,7 @@ def _attn_bwd_q_union_kernel(
         V += b * svb
         O += b * sob
         DO += b * sdob
-        DQ += b * H * N * D
+        DQ += b * sob
         LSE += b * H * N
         DELTA += b * H * N
         PEIDX += b * N * M
@@ -377,7 +377,7 @@ def _attn_bwd_q_union_kernel(
                     dq += _mma(ds.to(k.dtype), k, UPCAST).to(ACC)
                 _bwd_q_dpe(DPE, DSBUF, ds, pe, ok, off, rep, h, T, H, dpe_scale, DPE_MODE)
             dq = dq * scale_hi + dq * scale_lo
-            tl.store(DQ + h * N * D + offs_q[:, None] * D + offs_d[None, :],
+            tl.store(DQ + h * soh + offs_q[:, None] * son + offs_d[None, :],
                      dq.to(DQ.dtype.element_ty), mask=qd_ok)
 
 

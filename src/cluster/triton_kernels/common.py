@@ -60,6 +60,46 @@ def _lastdim_unit(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _dense_like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor of x's shape, dtype and device, dense, its dims in memory in
+    the order of x's strides (ties in logical order) with the last one unit-stride.
+
+    The op's outputs and dq take their inputs' layout this way, so that a module whose q is
+    a [B, N, H, D] buffer seen as [B, H, N, D] gets out and dq in that layout too (its
+    reshape to [B, N, C] and the projection's backward then copy nothing)."""
+    order = sorted(range(x.dim()), key=lambda i: (-x.stride(i), i))
+    if order and order[-1] != x.dim() - 1:
+        order = list(range(x.dim()))
+    buf = torch.empty([x.shape[i] for i in order], dtype=x.dtype, device=x.device)
+    return buf.permute([order.index(i) for i in range(x.dim())])
+
+
+class _HostFlags:
+    """A small device tensor's values for the host, copied behind the work queued so far.
+
+    The copy goes to pinned memory with an event after it; ``any()`` waits on that event
+    only, so the GPU keeps the work queued after the copy (no queue drain). On the CPU the
+    values are the tensor itself; while a CUDA graph is captured they are unknown (the
+    graph would replay the capture's decision) and ``any()`` answers None."""
+
+    def __init__(self, x: torch.Tensor):
+        self._host, self._event = None, None
+        if x.device.type != "cuda":
+            self._host = x
+        elif not torch.cuda.is_current_stream_capturing():
+            self._host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            self._host.copy_(x, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def any(self) -> bool | None:
+        if self._host is None:
+            return None
+        if self._event is not None:
+            self._event.synchronize()
+        return bool(self._host.any())
+
+
 def _width(dtype: torch.dtype) -> int:
     """The value width TUNING and TUNING_GROUP are keyed by (float64 uses the 4 entries)."""
     return 2 if dtype in (torch.float16, torch.bfloat16) else 4

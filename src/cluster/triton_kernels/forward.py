@@ -451,7 +451,7 @@ def _attn_forward(q, k, v, member_idx, pe_table, pe_idx, mask, blank_k, blank_v,
     mask_u8 = mask.contiguous().view(torch.uint8) if has_mask else idx
     bk = _lastdim_unit(blank_k) if has_blank else q
     bv = _lastdim_unit(blank_v) if has_blank else q
-    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    out = common._dense_like(q)
     lse = torch.empty((B, H, N), dtype=_acc_dtype(q.dtype), device=q.device)
     hi, lo = _split_scale(scale)
     args = (
