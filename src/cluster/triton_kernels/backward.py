@@ -200,12 +200,11 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
             if kv_group is not None:
                 gperm, gptr, bad = umap_keys
             # Token-level maps only for the batches the group-level map flags (none on AFF's
-            # inputs). The host reads the flags from the map's copy (an event wait, not a
-            # drain: the query side is queued behind it) and, where none is set, builds no
-            # token-level map (a [B, N * M] int32 buffer: 32 MiB at affmae_stage1) and
-            # launches no per-key kernel. Where the flags are unknown (a CUDA graph's
-            # capture), the device decides as before: the map is built for the flagged
-            # batches only.
+            # inputs). Where the host's copy of the flags has landed and none is set, no
+            # token-level map (a [B, N * M] int32 buffer: 32 MiB at affmae_stage1) and no
+            # per-key kernel; where the flags are unknown (copy still in flight, a CUDA
+            # graph's capture), the device decides: the map is built for the flagged
+            # batches only. Results are the same either way.
             tokens = kv_group is None or flags is None or flags.any() is not False
             if not tokens:
                 perm = ptr = None

@@ -77,10 +77,12 @@ def _dense_like(x: torch.Tensor) -> torch.Tensor:
 class _HostFlags:
     """A small device tensor's values for the host, copied behind the work queued so far.
 
-    The copy goes to pinned memory with an event after it; ``any()`` waits on that event
-    only, so the GPU keeps the work queued after the copy (no queue drain). On the CPU the
-    values are the tensor itself; while a CUDA graph is captured they are unknown (the
-    graph would replay the capture's decision) and ``any()`` answers None."""
+    The copy goes to pinned memory with an event after it; ``any()`` never waits: where
+    the event has not completed it answers None (unknown), as it does while a CUDA graph is
+    captured (the graph would replay the capture's decision). A wait would hold the host
+    back to the GPU in a tight loop of steps (measured: 0.25 ms of wall time a step at
+    affmae_stage1). In a model's backward the forward's copy has long landed. On the CPU
+    the values are the tensor itself."""
 
     def __init__(self, x: torch.Tensor):
         self._host, self._event = None, None
@@ -95,8 +97,8 @@ class _HostFlags:
     def any(self) -> bool | None:
         if self._host is None:
             return None
-        if self._event is not None:
-            self._event.synchronize()
+        if self._event is not None and not self._event.query():
+            return None
         return bool(self._host.any())
 
 
