@@ -269,7 +269,11 @@ def test_union_kernels_aff_lists_fp64():
 
 
 @pytest.mark.usefixtures("group_kernels_on")
-def test_union_kernels_gradcheck_fp64():
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "det"])
+def test_union_kernels_gradcheck_fp64(deterministic):
+    # gradcheck also runs the backward twice and compares: the fast mode's float atomics
+    # (d_pe_table, and dk / dv of the batches with a token-level map) vary in the last bit
+    # on a GPU, so it gets a tolerance far below the check's own; the deterministic mode none.
     case = make_case(1, 2, 21, 5, 16, seed=47, T=3, per_token_pool=3)
     c = _leaves(case, torch.float64)
     names = [n for n in PARAMS if c[n] is not None]
@@ -279,10 +283,11 @@ def test_union_kernels_gradcheck_fp64():
         return ops.cluster_attention(kw["q"], kw["k"], kw["v"], c["member_idx"],
                                      pe_table=kw["pe_table"], pe_idx=c["pe_idx"], mask=c["mask"],
                                      blank_k=kw["blank_k"], blank_v=kw["blank_v"],
-                                     backend="triton")
+                                     backend="triton", deterministic=deterministic)
 
+    nondet = 0.0 if deterministic or c["q"].device.type != "cuda" else 1e-12
     assert torch.autograd.gradcheck(f, tuple(c[n] for n in names), eps=1e-6, atol=1e-7,
-                                    fast_mode=True)
+                                    fast_mode=True, nondet_tol=nondet)
 
 
 @pytest.mark.usefixtures("group_kernels_on")
