@@ -339,14 +339,19 @@ def test_module_layout_in_every_kernel(kind):
     ref_out, ref_g = _fwd_bwd(case, torch.float64, "reference", dout)
     c = _leaves(case, torch.float32)
     qb, kvb, q, k, v = _module_views(case, torch.float32)
-    seen = []
+    seen, seen_kv = [], []
     q.register_hook(lambda grad: seen.append(grad.stride()))
+    for t in (k, v):
+        t.register_hook(lambda grad: seen_kv.append(grad.stride()))
     with ctx:
         out = ops.cluster_attention(q, k, v, c["member_idx"], **{n: c[n] for n in KWARGS},
                                     backend="triton")
         assert out.stride() == q.stride(), "out in q's layout"
         out.backward(dout.to(out.dtype).permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3))
     assert seen == [q.stride()], "dq in q's layout"
+    B, H, N, D = q.shape
+    # dk and dv dense in k's order of dims ([B, N, H, D] in memory), not k's own strides
+    assert seen_kv == [(N * H * D, D, H * D, 1)] * 2, "dk and dv in k's layout"
     got = {"out": out, "dq": qb.grad.permute(0, 2, 1, 3), "dk": kvb.grad[..., 0, :].permute(0, 2, 1, 3),
            "dv": kvb.grad[..., 1, :].permute(0, 2, 1, 3)}
     want = {"out": ref_out, "dq": ref_g["q"], "dk": ref_g["k"], "dv": ref_g["v"]}

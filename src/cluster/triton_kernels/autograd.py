@@ -57,7 +57,8 @@ def _attn_bwd_fake(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
     B, H, N, D = q.shape
     dq = _dense_like(_lastdim_unit(q))  # as _attn_backward allocates it
     if compute_kv:
-        dk, dv = k.new_empty((B, H, N, D)), v.new_empty((B, H, N, D))
+        dk = _dense_like(_lastdim_unit(k))  # as _attn_backward allocates dk and dv
+        dv = torch.empty_like(dk, dtype=v.dtype)
     else:
         dk, dv = q.new_empty(0, dtype=k.dtype), q.new_empty(0, dtype=v.dtype)
     if pe_table is not None and compute_pe:

@@ -38,7 +38,7 @@ from .launch import _Launch
 @triton.jit
 def _bwd_kv_rows(
     Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k, k_ok,
-    sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh,
+    sqh, sqn, skh, skn, svh, svn, sdoh, sdon, sdkh, sdkn, spet, speh,
     N, M, D, scale_hi, scale_lo,
     HAS_PE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_D: tl.constexpr, ACC: tl.constexpr, FTZ: tl.constexpr,
@@ -79,7 +79,7 @@ def _bwd_kv_rows(
         ds = p * (dp - delta)
         dv += tl.sum(p[:, :, None] * dot, 1)
         dk += tl.sum(ds[:, :, None] * qt, 1)
-    _bwd_kv_store(DK, DV, h * N * D + offs_k * D, offs_d, kd_ok, dk, dv, scale_hi, scale_lo)
+    _bwd_kv_store(DK, DV, h * sdkh + offs_k * sdkn, offs_d, kd_ok, dk, dv, scale_hi, scale_lo)
 
 
 @triton.jit
@@ -93,11 +93,11 @@ def _bwd_kv_store(DK, DV, row_off, cols, ok, dk, dv, scale_hi, scale_lo):
 
 @triton.jit
 def _bwd_kv_batch(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, b,
-                  sqb, skb, svb, sdob, H, N, M, D):
-    """The key-side kernels' pointers offset to batch b (dk, dv, lse and delta are
-    contiguous [B, H, N(, D)]; the maps and pe_idx [B, N * M], ptr [B, N + 1])."""
+                  sqb, skb, svb, sdob, sdkb, H, N, M):
+    """The key-side kernels' pointers offset to batch b (dk and dv share their strides; lse
+    and delta are contiguous [B, H, N]; the maps and pe_idx [B, N * M], ptr [B, N + 1])."""
     return (Q + b * sqb, K + b * skb, V + b * svb, DO + b * sdob, LSE + b * H * N,
-            DELTA + b * H * N, DK + b * H * N * D, DV + b * H * N * D, PERM + b * N * M,
+            DELTA + b * H * N, DK + b * sdkb, DV + b * sdkb, PERM + b * N * M,
             PTR + b * (N + 1), PEIDX + b * N * M)
 
 
@@ -105,7 +105,7 @@ def _bwd_kv_batch(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, b,
 @triton.jit
 def _attn_bwd_kv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, NEED,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdkb, sdkh, sdkn,
     spet, speh,
     H, N, M, D, scale_hi, scale_lo, HPG, NHG,
     HAS_PE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -125,18 +125,19 @@ def _attn_bwd_kv_kernel(
         offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < N
         Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX = _bwd_kv_batch(
-            Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, b, sqb, skb, svb, sdob, H, N, M,
-            D)
+            Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, b, sqb, skb, svb, sdob, sdkb, H, N,
+            M)
         for h in range(h_lo, h_hi):
             _bwd_kv_rows(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k,
-                         k_ok, sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh, N, M, D,
+                         k_ok, sqh, sqn, skh, skn, svh, svn, sdoh, sdon, sdkh, sdkn, spet, speh,
+                         N, M, D,
                          scale_hi, scale_lo, HAS_PE, BLOCK_K, BLOCK_E, BLOCK_D, ACC, FTZ)
 
 
 @triton.jit
 def _kv_cluster_tile(
     Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, SLOT, PEIDX, MASK, PE, kc, h, start, cnt, n_ent,
-    sqh, sqn, skh, skn, svh, svn, sdoh, sdon, spet, speh,
+    sqh, sqn, skh, skn, svh, svn, sdoh, sdon, sdkh, sdkn, spet, speh,
     N, M, D, scale_hi, scale_lo,
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
@@ -212,14 +213,14 @@ def _kv_cluster_tile(
             dv += _mma(p.to(dot.dtype), dot, UPCAST).to(ACC)
             dk += _mma(ds.to(qt.dtype), qt, UPCAST).to(ACC)
     # Row r keeps its own head's block of columns.
-    _bwd_kv_store(DK, DV, (h + hr) * N * D + keys * D, dc, kd_ok, dk, dv, scale_hi, scale_lo)
+    _bwd_kv_store(DK, DV, (h + hr) * sdkh + keys * sdkn, dc, kd_ok, dk, dv, scale_hi, scale_lo)
 
 
 @_Launch
 @triton.jit
 def _attn_bwd_kv_cluster_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, GPTR, BAD, SLOT, PEIDX, MASK, PE,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdon, sdkb, sdkh, sdkn,
     spet, speh,
     H, N, M, D, scale_hi, scale_lo, HPG, NHG,
     HAS_PE: tl.constexpr, HAS_MASK: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
@@ -243,7 +244,7 @@ def _attn_bwd_kv_cluster_kernel(
     n_kc = tl.num_programs(0)
     Q, K, V, DO = Q + b * sqb, K + b * skb, V + b * svb, DO + b * sdob
     LSE, DELTA = LSE + b * H * N, DELTA + b * H * N
-    DK, DV = DK + b * H * N * D, DV + b * H * N * D
+    DK, DV = DK + b * sdkb, DV + b * sdkb
     PEIDX += b * N * M
     MASK += b * N * M
     if tl.load(BAD + b) == 0:
@@ -255,13 +256,13 @@ def _attn_bwd_kv_cluster_kernel(
         for h in range(h_lo, h_hi - (HEADS - 1), HEADS):
             _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, SLOT, PEIDX, MASK, PE,
                              kc, h, start, cnt, UCAP, sqh, sqn, skh, skn, svh, svn, sdoh, sdon,
-                             spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, GROUP,
+                             sdkh, sdkn, spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, GROUP,
                              HEADS, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ, ACC)
         if HEADS > 1:
             if (h_hi - h_lo) % HEADS != 0:
                 _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, SLOT, PEIDX, MASK, PE,
                                  kc, h_hi - 1, start, cnt, UCAP, sqh, sqn, skh, skn, svh, svn,
-                                 sdoh, sdon, spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE,
+                                 sdoh, sdon, sdkh, sdkn, spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE,
                                  HAS_MASK, GROUP, 1, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ,
                                  ACC)
 
@@ -307,6 +308,7 @@ def _bwd_kv(kv_group, q, k, v, dout, lse, delta, dk, dv, perm, ptr, gperm, gptr,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
         pe_t.stride(0) if has_pe else 0, pe_t.stride(1) if has_pe else 0,
     )
     BK_, BE, KBD, kv_warps = _attn_blocks(D, M, q.dtype, "bwd_kv")
