@@ -193,9 +193,9 @@ def _attn_backward(dout, q, k, v, out, lse, member_idx, pe_table, pe_idx, mask, 
 
         # 4. The key side: the reverse maps, then dk and dv.
         if compute_kv:
-            # dk and dv in k's layout (one stride set for both), as dq takes q's: a module
-            # whose k and v are views of one [B, N, 3, H, D] buffer gets grads it can
-            # reshape to [B, N, C] without a copy.
+            # dk and dv in k's layout (one stride set for both), as dq takes q's: where k
+            # and v are the halves of the module's [B, N, H, 2, D] buffer, its unbind's
+            # backward stacks grads laid out as it writes them.
             dk = common._dense_like(k)
             dv = torch.empty_like(dk, dtype=v.dtype)
             masks = mask_u8 if has_mask else None

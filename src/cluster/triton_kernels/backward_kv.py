@@ -130,8 +130,8 @@ def _attn_bwd_kv_kernel(
         for h in range(h_lo, h_hi):
             _bwd_kv_rows(Q, K, V, DO, LSE, DELTA, DK, DV, PERM, PTR, PEIDX, PE, h, offs_k,
                          k_ok, sqh, sqn, skh, skn, svh, svn, sdoh, sdon, sdkh, sdkn, spet, speh,
-                         N, M, D,
-                         scale_hi, scale_lo, HAS_PE, BLOCK_K, BLOCK_E, BLOCK_D, ACC, FTZ)
+                         N, M, D, scale_hi, scale_lo, HAS_PE, BLOCK_K, BLOCK_E, BLOCK_D, ACC,
+                         FTZ)
 
 
 @triton.jit
@@ -256,15 +256,15 @@ def _attn_bwd_kv_cluster_kernel(
         for h in range(h_lo, h_hi - (HEADS - 1), HEADS):
             _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, SLOT, PEIDX, MASK, PE,
                              kc, h, start, cnt, UCAP, sqh, sqn, skh, skn, svh, svn, sdoh, sdon,
-                             sdkh, sdkn, spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE, HAS_MASK, GROUP,
-                             HEADS, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ, ACC)
+                             sdkh, sdkn, spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE,
+                             HAS_MASK, GROUP, HEADS, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ, ACC)
         if HEADS > 1:
             if (h_hi - h_lo) % HEADS != 0:
                 _kv_cluster_tile(Q, K, V, DO, LSE, DELTA, DK, DV, GPERM, SLOT, PEIDX, MASK, PE,
                                  kc, h_hi - 1, start, cnt, UCAP, sqh, sqn, skh, skn, svh, svn,
-                                 sdoh, sdon, sdkh, sdkn, spet, speh, N, M, D, scale_hi, scale_lo, HAS_PE,
-                                 HAS_MASK, GROUP, 1, BLOCK_G, BLOCK_D, SPLIT, UPCAST, FTZ,
-                                 ACC)
+                                 sdoh, sdon, sdkh, sdkn, spet, speh, N, M, D, scale_hi,
+                                 scale_lo, HAS_PE, HAS_MASK, GROUP, 1, BLOCK_G, BLOCK_D, SPLIT,
+                                 UPCAST, FTZ, ACC)
 
 
 def _kv_group_blocks(D: int, M: int, dtype: torch.dtype):
